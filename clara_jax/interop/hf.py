@@ -1,0 +1,197 @@
+"""transformers checkpoints <-> our Decoder, tensor by tensor, without torch.
+
+Torch `Linear` weights are [out, in]; our kernels are [in, out]. RoPE uses HF's rotate-half
+layout, so q/k need no permutation. Per-layer tensors are stacked into the scanned layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clara_jax.interop.safetensors_io import open_checkpoint
+from clara_jax.model.config import DecoderConfig
+from clara_jax.model.decoder import Decoder
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# HF per-layer suffix -> (our stacked name, transpose)
+_LAYER_KEYS = {
+    "input_layernorm.weight": ("attn_norm", False),
+    "post_attention_layernorm.weight": ("mlp_norm", False),
+    "self_attn.q_norm.weight": ("q_norm", False),
+    "self_attn.k_norm.weight": ("k_norm", False),
+}
+for _p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    _LAYER_KEYS[f"self_attn.{_p}.weight"] = (_p, True)
+    _LAYER_KEYS[f"self_attn.{_p}.bias"] = (_p + "_bias", False)
+for _p in ("gate_proj", "up_proj", "down_proj"):
+    _LAYER_KEYS[f"mlp.{_p}.weight"] = (_p, True)
+    _LAYER_KEYS[f"mlp.{_p}.bias"] = (_p + "_bias", False)
+_GLOBAL_KEYS = {
+    "model.embed_tokens.weight": "embed",
+    "model.norm.weight": "final_norm",
+    "lm_head.weight": "lm_head",
+}
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def _expected_keys(cfg: DecoderConfig, layer_names) -> list[str]:
+    keys = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not cfg.tie_word_embeddings:
+        keys.append("lm_head.weight")
+    inverse = {ours: suffix for suffix, (ours, _) in _LAYER_KEYS.items()}
+    keys += [f"model.layers.{i}.{inverse[name]}" for i in range(cfg.num_layers) for name in layer_names]
+    return keys
+
+
+def load_decoder(
+    path: str | os.PathLike, dtype="float32", *, remat: str = "none", strict: bool = True, shardings=None
+) -> Decoder:
+    """Read a local transformers directory (config.json + safetensors) into a Decoder.
+
+    `dtype` is a DTypePolicy spec ('float32', 'bfloat16', 'p=bfloat16,c=float32').
+    `shardings`, when given, maps our parameter paths to `jax.sharding.Sharding`s so each
+    stacked tensor is placed straight onto the mesh (no full-model copy on one device).
+    """
+    path = str(path)
+    cfg = DecoderConfig.from_hf_dir(path)
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))
+    param_dtype = model.policy.param
+    tensors = open_checkpoint(path)
+
+    layer_names = list(model.layers.keys())
+    missing = [k for k in _expected_keys(cfg, layer_names) if k not in tensors]
+    if missing:
+        shown = ", ".join(missing[:12]) + (f" … ({len(missing)} in all)" if len(missing) > 12 else "")
+        raise ValueError(
+            f"{path}: checkpoint lacks tensors required by its config ({cfg.model_type}): {shown}"
+        )
+
+    stacked = {name: np.zeros(model.layers[name].shape, param_dtype) for name in layer_names}
+    singles = {}
+    unexpected = []
+    for key, file in tensors.items():
+        match = _LAYER.fullmatch(key)
+        if match and match.group(2) in _LAYER_KEYS and _LAYER_KEYS[match.group(2)][0] in stacked:
+            name, transpose = _LAYER_KEYS[match.group(2)]
+            layer = int(match.group(1))
+            if layer >= cfg.num_layers:
+                unexpected.append(key)
+                continue
+            value = file.get(key)
+            value = value.T if transpose else value
+            target = stacked[name][layer]
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"{path}: tensor {key} has shape {file.get(key).shape}, config implies "
+                    f"{target.shape[::-1] if transpose else target.shape}"
+                )
+            stacked[name][layer] = value.astype(param_dtype)
+        elif key in _GLOBAL_KEYS and not (key == "lm_head.weight" and cfg.tie_word_embeddings):
+            singles[_GLOBAL_KEYS[key]] = file.get(key)
+        elif key == "lm_head.weight" or _IGNORED.fullmatch(key):
+            continue  # tied models may still ship a copy of the embedding as lm_head
+        else:
+            unexpected.append(key)
+    if unexpected and strict:
+        raise ValueError(
+            f"{path}: tensors this decoder does not use: {', '.join(unexpected[:12])}"
+            f"{' …' if len(unexpected) > 12 else ''} (pass strict=False to ignore them)"
+        )
+
+    def place(name, value, var):
+        if tuple(value.shape) != tuple(var.shape):
+            raise ValueError(f"{path}: tensor for {name} has shape {value.shape}, expected {var.shape}")
+        value = np.asarray(value).astype(param_dtype)
+        sharding = None if shardings is None else shardings.get(name)
+        var.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
+
+    for name, value in stacked.items():
+        place(f"layers.{name}", value, model.layers[name])
+    place("embed", singles["embed"], model.embed)
+    place("final_norm", singles["final_norm"], model.final_norm)
+    if model.lm_head is not None:
+        place("lm_head", singles["lm_head"], model.lm_head)
+    model.embed_rows.set_value(jnp.zeros(model.embed_rows.shape, model.embed_rows.dtype))
+    return model
+
+
+def hf_config_dict(cfg: DecoderConfig) -> dict:
+    """A transformers config.json describing `cfg` (v5 spelling, readable by 4.x too)."""
+    rope = {"rope_type": cfg.rope_scaling[0], "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling[0] == "linear":
+        rope["factor"] = cfg.rope_scaling[1]
+    elif cfg.rope_scaling[0] == "llama3":
+        _, factor, low, high, old = cfg.rope_scaling
+        rope.update(
+            factor=factor, low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=old
+        )
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+    }[cfg.model_type]
+    out = dict(
+        architectures=[arch],
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_parameters=rope,
+        rope_theta=cfg.rope_theta,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+    )
+    if cfg.model_type in ("llama", "qwen3"):
+        out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    if cfg.model_type == "mistral":
+        out["sliding_window"] = cfg.sliding_windows[0] or None
+    if cfg.model_type in ("qwen2", "qwen3"):
+        windows = [w for w in cfg.sliding_windows if w]
+        out.update(
+            sliding_window=windows[0] if windows else None,
+            use_sliding_window=bool(windows),
+            layer_types=["sliding_attention" if w else "full_attention" for w in cfg.sliding_windows],
+        )
+    return out
+
+
+def save_decoder(model: Decoder, path: str | os.PathLike) -> None:
+    """Write the base weights (trained embedding rows merged back) as a transformers directory."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    cfg = model.config
+    inverse = {ours: (suffix, transpose) for suffix, (ours, transpose) in _LAYER_KEYS.items()}
+    out = {
+        "model.embed_tokens.weight": np.asarray(model.merged_embedding(), np.float32),
+        "model.norm.weight": np.asarray(model.final_norm[...], np.float32),
+    }
+    if model.lm_head is not None:
+        out["lm_head.weight"] = np.asarray(model.lm_head[...], np.float32)
+    for name, var in model.layers.items():
+        suffix, transpose = inverse[name]
+        stacked = np.asarray(var[...], np.float32)
+        for i in range(cfg.num_layers):
+            out[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(
+                stacked[i].T if transpose else stacked[i]
+            )
+    save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config_dict(cfg), f, indent=2)

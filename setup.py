@@ -1,0 +1,45 @@
+"""clara_jax: CLaRa (continuous latent reasoning for RAG) in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+# transformers is used for configs and tokenizers only (v5 has no Flax models).
+INSTALL_REQUIRES = [
+    "jax>=0.7",
+    "flax>=0.12",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "ml-collections>=1.0",
+    "numpy>=1.26",
+    "safetensors>=0.4",
+    "transformers>=4.56",
+    "tokenizers>=0.20",
+    "jinja2>=3.1",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+]
+
+EXTRAS = {
+    # The CPU wheel of torch lies on this project's machines; parity and interop tests need it.
+    "torch": ["torch==2.13.0", "peft>=0.13", "accelerate>=1.0"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    "data": ["datasets>=3.0", "grain>=0.2"],
+    # libtpu makes jax probe for a TPU at start-up, so it is never part of the default install.
+    "tpu": ["jax[tpu]"],
+    "gpu": ["jax[cuda12]"],
+}
+EXTRAS["dev"] = EXTRAS["torch"] + EXTRAS["test"]
+
+setup(
+    name="clara_jax",
+    version="0.1.0",
+    description="CLaRa: bridging retrieval and generation with continuous latent reasoning, in JAX/Flax",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["clara_jax", "clara_jax.*"]),
+    package_data={"clara_jax": ["assets/**/*", "assets/*/*"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["clara-jax=clara_jax.cli:main"]},
+)
