@@ -1,0 +1,118 @@
+"""The loss of each CLaRa stage, as a pure function of (model, batch, rng).
+
+Batches are dicts of arrays (clara_jax.data.layouts builds them):
+  stages 1/2: enc_ids/enc_mask [B·k, Le] (k documents per example, in prompt order),
+              gen_ids/gen_mask/targets/target_mask [B, Lg]
+  stage 3:    query_ids/query_mask [B, Lq]; candidates either as enc_ids/enc_mask [B·N, Le]
+              (re-compressed under the frozen compressor) or as cand_memory [B, N, n_mem, D]
+              (cached from an index); cand_valid, positives [B, N] bool; gen_* as above.
+
+The cross-entropy is the mean over target tokens of the micro-batch, as the official code
+computes it; gradient accumulation then averages micro-batch means (training/step.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from clara_jax.model.clara import (
+    ClaraConfig,
+    compress,
+    encode_query,
+    generator_logits,
+    select_documents,
+)
+from clara_jax.model.topk import cosine_scores, differentiable_topk
+
+STAGES = ("stage1", "stage2", "stage3")
+
+
+def token_cross_entropy(logits, targets, target_mask):
+    """(mean CE over target tokens, token accuracy, number of target tokens)."""
+    mask = target_mask.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    n = jnp.maximum(mask.sum(), 1.0)
+    ce = ((logz - picked) * mask).sum() / n
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return ce, (correct * mask).sum() / n, mask.sum()
+
+
+def recall_at(indices, positives, k: int):
+    """Mean over questions of |top-k ∩ gold| / |gold| (0 for a question without gold), the
+    definition of the official evaluate.py; indices < 0 (unfilled slots) never hit."""
+    topk = indices[:, :k]
+    hit = jnp.take_along_axis(positives, jnp.maximum(topk, 0), axis=1) & (topk >= 0)
+    n_pos = positives.sum(axis=1)
+    per_question = jnp.where(n_pos > 0, hit.sum(axis=1) / jnp.maximum(n_pos, 1), 0.0)
+    return per_question.mean()
+
+
+def _generator_loss(model, batch, memory, cfg: ClaraConfig, rng):
+    logits = generator_logits(
+        model, batch["gen_ids"], batch["gen_mask"], memory, cfg.mem_token_ids, dropout_rng=rng
+    )
+    return token_cross_entropy(logits, batch["targets"], batch["target_mask"])
+
+
+def compression_loss(model, batch, cfg: ClaraConfig, rng, *, docs_per_example: int, train: bool = True):
+    """Stages 1 and 2: compress k documents, splice them in order, CE + λ·MSE.
+
+    Gradients flow from the generator's CE through the spliced vectors into the compressor.
+    """
+    rng_c, rng_g = jax.random.split(rng) if train else (None, None)
+    memory, mse = compress(model, batch["enc_ids"], batch["enc_mask"], cfg.n_mem, dropout_rng=rng_c)
+    b = batch["gen_ids"].shape[0]
+    memory = memory.reshape(b, docs_per_example, cfg.n_mem, memory.shape[-1])
+    ce, acc, n_tokens = _generator_loss(model, batch, memory, cfg, rng_g)
+    loss = ce + cfg.mse_weight * mse
+    return loss, {"loss": loss, "ce": ce, "mse": mse, "token_accuracy": acc, "target_tokens": n_tokens}
+
+
+def candidate_memory(model, batch, cfg: ClaraConfig):
+    """[B, N, n_mem, D] candidate vectors from the frozen compressor (no dropout, no gradient),
+    or the cached ones when the batch carries them."""
+    if "cand_memory" in batch:
+        return jax.lax.stop_gradient(batch["cand_memory"])
+    b, n = batch["cand_valid"].shape
+    memory, _ = compress(model, batch["enc_ids"], batch["enc_mask"], cfg.n_mem)
+    return jax.lax.stop_gradient(memory.reshape(b, n, cfg.n_mem, memory.shape[-1]))
+
+
+def retrieval_loss(model, batch, cfg: ClaraConfig, rng, *, train: bool = True, gumbel: bool = False):
+    """Stage 3: query reasoner -> cosine scores -> straight-through top-k -> generator CE.
+
+    The compressor is frozen: the only path from the loss to the query reasoner is the top-k
+    weights W, exactly as in CLaRa's Algorithm 1.
+    """
+    rng_q, rng_g, rng_t = jax.random.split(rng, 3) if train else (None, None, None)
+    query = encode_query(model, batch["query_ids"], batch["query_mask"], cfg.n_mem, dropout_rng=rng_q)
+    memory = candidate_memory(model, batch, cfg)
+    b, n = memory.shape[:2]
+    scores = cosine_scores(query, memory.reshape(b, n, -1))
+    weights, indices = differentiable_topk(
+        scores,
+        cfg.top_k,
+        cfg.temperature,
+        mask_mode=cfg.topk_mask_mode,
+        key=rng_t if gumbel else None,
+        valid_mask=batch["cand_valid"],
+    )
+    selected = select_documents(weights, memory)
+    ce, acc, n_tokens = _generator_loss(model, batch, selected, cfg, rng_g)
+    metrics = {"loss": ce, "ce": ce, "token_accuracy": acc, "target_tokens": n_tokens}
+    for k in sorted({1, min(3, cfg.top_k), cfg.top_k}):
+        metrics[f"recall@{k}"] = recall_at(indices, batch["positives"], k)
+    return ce, metrics
+
+
+def stage_loss_fn(stage: str, cfg: ClaraConfig, *, docs_per_example: int = 1, gumbel: bool = False):
+    """The loss function `(model, batch, rng) -> (loss, metrics)` of a stage."""
+    if stage in ("stage1", "stage2"):
+        return lambda model, batch, rng: compression_loss(
+            model, batch, cfg, rng, docs_per_example=docs_per_example
+        )
+    if stage == "stage3":
+        return lambda model, batch, rng: retrieval_loss(model, batch, cfg, rng, gumbel=gumbel)
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")

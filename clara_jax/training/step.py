@@ -1,0 +1,124 @@
+"""One jitted train step: micro-batch gradient accumulation, clipping, AdamW, donated state.
+
+The model is split once, outside jit, into a graph definition, the trainable state (the
+stage's adapters and, in stage 1, the <MEM*> rows) and the frozen rest. The step is a pure
+function of (TrainState, frozen, batch); `compile_train_step` jits it with explicit shardings
+over a named mesh and donates the state, and can lower + compile ahead of time to report
+memory before the first step runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any  # nnx.State of the trainable leaves
+    opt_state: Any
+    rng: jax.Array
+
+    @classmethod
+    def create(cls, params, tx: optax.GradientTransformation, rng) -> TrainState:
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+
+def _tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, schedule=None):
+    """`step(state, frozen, batch) -> (state, metrics)`; every batch leaf is [micro_steps, ...].
+
+    Gradients and metrics are averaged over micro-batches (each micro-batch loss is itself a
+    token mean, as in the official DeepSpeed runs). Everything stays on device.
+    """
+
+    def step(state: TrainState, frozen, batch):
+        rng, step_rng = jax.random.split(state.rng)
+        micro_steps = jax.tree.leaves(batch)[0].shape[0]
+
+        def loss_of(params, micro_batch, key):
+            return loss_fn(nnx.merge(graphdef, params, frozen), micro_batch, key)
+
+        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+        def accumulate(carry, inputs):
+            micro_batch, index = inputs
+            (_, metrics), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, index))
+            return _tree_add(carry, (grads, metrics)), None
+
+        first = jax.tree.map(lambda x: x[0], batch)
+        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+        metric_shapes = jax.eval_shape(lambda: loss_of(state.params, first, step_rng)[1])
+        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
+        (grads, metrics), _ = jax.lax.scan(
+            accumulate, (zero_grads, zero_metrics), (batch, jnp.arange(micro_steps))
+        )
+        grads = jax.tree.map(lambda g: g / micro_steps, grads)
+        metrics = {k: v / micro_steps for k, v in metrics.items()}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        if schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        return new_state, metrics
+
+    return step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    state: Any
+    frozen: Any
+    batch: Any
+
+
+def micro_batch_shardings(batch, mesh, batch_axes) -> Any:
+    """Leaves are [micro_steps, batch, ...]: shard the batch dim, never the micro-step dim."""
+    axes = tuple(a for a in batch_axes if a in mesh.shape and mesh.shape[a] > 1) or None
+
+    def one(x):
+        spec = [None] * len(x.shape)
+        if len(x.shape) > 1 and axes is not None:
+            size = 1
+            for a in axes:
+                size *= mesh.shape[a]
+            if x.shape[1] % size == 0:
+                spec[1] = axes
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree.map(one, batch)
+
+
+def compile_train_step(step_fn, shardings: StepShardings, mesh):
+    """jit with explicit in/out shardings and the state donated."""
+    metrics_sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings.state, shardings.frozen, shardings.batch),
+        out_shardings=(shardings.state, metrics_sharding),
+        donate_argnums=(0,),
+    )
+
+
+def memory_report(jitted, *args) -> str:
+    """Lower and compile ahead of time; the per-device memory XLA plans for the step."""
+    compiled = jitted.lower(*args).compile()
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return "memory analysis unavailable on this backend"
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    parts = [f"{f.replace('_size_in_bytes', '')}={getattr(mem, f, 0) / 2**20:.1f} MiB" for f in fields]
+    return "per-device memory: " + ", ".join(parts)
