@@ -36,7 +36,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["clara_jax", "clara_jax.*"]),
+    packages=find_packages(include=["clara_jax", "clara_jax.*", "configs"]),
     package_data={"clara_jax": ["assets/**/*", "assets/*/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,

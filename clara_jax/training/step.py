@@ -30,6 +30,9 @@ class TrainState(struct.PyTreeNode):
 
     @classmethod
     def create(cls, params, tx: optax.GradientTransformation, rng) -> TrainState:
+        """`rng` is stored as raw uint32 key data, which checkpoints can hold."""
+        if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            rng = jax.random.key_data(rng)
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
 

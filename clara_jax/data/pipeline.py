@@ -1,0 +1,218 @@
+"""Deterministic, resumable, process-sharded batches of a stage's records.
+
+Each epoch visits the records in a permutation drawn from (seed, epoch); a global batch is
+the next `global_size` of them (the incomplete tail is dropped, as the official sampler
+does). The iterator's whole state is two integers, saved with every checkpoint, so a
+resumed run sees exactly the batches it would have seen.
+
+Every process tokenizes the whole global batch (cheap next to a train step) and keeps the
+rows of its own devices: shapes then agree across processes by construction, and lengths can
+follow the batch (bucketed, see clara_jax.data.layouts) rather than one worst-case padding.
+Arrays come out as [micro_steps, micro_size, ...], the layout training/step.py accumulates over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from clara_jax.data.layouts import encoder_batch, generator_batch, label_ids
+from clara_jax.data.prompts import paraphrase_prompt, qa_prompt, standard_prompt
+from clara_jax.data.tokenizer import ClaraTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutConfig:
+    doc_max_length: int
+    query_max_length: int
+    generator_max_length: int
+    bucket: int = 32
+    docs_per_example: int = 1  # stages 1/2
+    top_k: int = 5  # stage 3: memory slots in the generator prompt
+    candidates: int = 20  # stage 3: candidates per question (fewer are padded and masked)
+
+
+def bucket_length(n: int, bucket: int) -> int:
+    """Round up to bucket·2^i: few distinct shapes (few compilations), little padding."""
+    size = bucket
+    while size < n:
+        size *= 2
+    return size
+
+
+@dataclasses.dataclass
+class TokenStats:
+    """Running counts a run reports: nothing is cut silently."""
+
+    examples: int = 0
+    docs: int = 0
+    docs_truncated: int = 0
+    targets_truncated: int = 0
+
+    def add(self, other: TokenStats) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+def _pad_left(array: np.ndarray, width: int, value) -> np.ndarray:
+    return np.pad(array, ((0, 0), (width - array.shape[1], 0)), constant_values=value)
+
+
+def _encoder(tok, texts, max_length, bucket):
+    """Encoder rows padded to a bucketed width (tokenized once, at their natural width)."""
+    enc = encoder_batch(tok, texts, max_length, bucket=1)
+    width = min(bucket_length(enc.ids.shape[1] - tok.n_mem, bucket), max_length + 3) + tok.n_mem
+    return dataclasses.replace(
+        enc, ids=_pad_left(enc.ids, width, tok.pad_id), mask=_pad_left(enc.mask, width, False)
+    )
+
+
+def _generator(tok, prompts, cfg: LayoutConfig, expect_docs: int):
+    gen = generator_batch(tok, prompts, cfg.generator_max_length, bucket=1, expect_docs=expect_docs)
+    width = min(bucket_length(gen.ids.shape[1], cfg.bucket), cfg.generator_max_length)
+    ids, mask = _pad_left(gen.ids, width, tok.pad_id), _pad_left(gen.mask, width, False)
+    targets, target_mask = label_ids(ids, _pad_left(gen.loss_mask, width, False))
+    arrays = dict(gen_ids=ids, gen_mask=mask, targets=targets, target_mask=target_mask)
+    return arrays, gen.n_truncated
+
+
+def tokenize_compression(tok: ClaraTokenizer, records: Sequence, cfg: LayoutConfig, rng: np.random.Generator):
+    """Stage 1 (one doc, QA or paraphrase target) and stage 2 (k docs, QA target) arrays."""
+    k = cfg.docs_per_example
+    prompts, docs = [], []
+    for r in records:
+        if hasattr(r, "kind"):  # stage-1 record
+            docs.append(r.doc)
+            if r.kind == "paraphrase":
+                prompts.append(paraphrase_prompt(tok, r.answers[0], rng, k=1))
+            else:
+                prompts.append(qa_prompt(tok, list(r.questions), list(r.answers), k=1))
+        else:  # stage-2 record
+            if len(r.docs) != k:
+                raise ValueError(f"expected {k} documents per example, a record has {len(r.docs)}")
+            docs.extend(r.docs)
+            prompts.append(standard_prompt(tok, r.question, k, r.answer))
+    enc = _encoder(tok, docs, cfg.doc_max_length, cfg.bucket)
+    arrays, gen_truncated = _generator(tok, prompts, cfg, k)
+    arrays.update(enc_ids=enc.ids, enc_mask=enc.mask)
+    stats = TokenStats(len(records), len(docs), enc.n_truncated, gen_truncated)
+    return arrays, stats
+
+
+def tokenize_retrieval(tok: ClaraTokenizer, records: Sequence, cfg: LayoutConfig, rng=None):
+    """Stage 3 arrays: short queries, N candidates per question (padded, masked), k slots."""
+    n = cfg.candidates
+    docs, valid, positives = [], np.zeros((len(records), n), bool), np.zeros((len(records), n), bool)
+    for i, r in enumerate(records):
+        cands = list(r.docs[:n])
+        valid[i, : len(cands)] = True
+        docs.extend(cands + [cands[0]] * (n - len(cands)))  # padding candidates are masked out
+        for p in r.pos_index:
+            if p < n:
+                positives[i, p] = True
+    enc = _encoder(tok, docs, cfg.doc_max_length, cfg.bucket)
+    queries = _encoder(tok, [r.question for r in records], cfg.query_max_length, cfg.bucket)
+    prompts = [standard_prompt(tok, r.question, cfg.top_k, r.answer) for r in records]
+    arrays, gen_truncated = _generator(tok, prompts, cfg, cfg.top_k)
+    arrays.update(
+        enc_ids=enc.ids,
+        enc_mask=enc.mask,
+        query_ids=queries.ids,
+        query_mask=queries.mask,
+        cand_valid=valid,
+        positives=positives,
+    )
+    stats = TokenStats(len(records), len(docs), int(enc.truncated[valid.reshape(-1)].sum()), gen_truncated)
+    return arrays, stats
+
+
+def to_micro_steps(arrays: dict, examples: int, micro_size: int, docs_per_example: dict) -> dict:
+    """[examples·d, ...] -> [micro_steps, micro_size·d, ...] for every array."""
+    steps = examples // micro_size
+    out = {}
+    for key, value in arrays.items():
+        per = docs_per_example.get(key, 1)
+        out[key] = value.reshape(steps, micro_size * per, *value.shape[1:])
+    return out
+
+
+class BatchIterator:
+    """Global batches of tokenized records; `state()` / `restore()` make it resumable."""
+
+    def __init__(
+        self,
+        records: Sequence,
+        tok: ClaraTokenizer,
+        stage: str,
+        layout: LayoutConfig,
+        *,
+        global_size: int,
+        micro_size: int,
+        seed: int,
+        num_epochs: int = 1,
+    ):
+        if len(records) < global_size:
+            raise ValueError(f"{len(records)} records cannot fill one global batch of {global_size}")
+        self.records, self.tok, self.stage, self.layout = records, tok, stage, layout
+        self.global_size, self.micro_size, self.seed, self.num_epochs = (
+            global_size,
+            micro_size,
+            seed,
+            num_epochs,
+        )
+        self.epoch, self.index = 0, 0
+        self.stats = TokenStats()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.records) // self.global_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.num_epochs
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def restore(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"checkpoint data state has seed {state['seed']}, this run uses {self.seed}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.index >= self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        if self.epoch >= self.num_epochs:
+            raise StopIteration
+        order = self._order(self.epoch)[self.index * self.global_size : (self.index + 1) * self.global_size]
+        batch_records = [self.records[int(i)] for i in order]
+        rng = np.random.default_rng([self.seed, self.epoch, self.index, 1])  # paraphrase template choice
+        if self.stage == "stage3":
+            arrays, stats = tokenize_retrieval(self.tok, batch_records, self.layout, rng)
+            per = {"enc_ids": self.layout.candidates, "enc_mask": self.layout.candidates}
+        else:
+            arrays, stats = tokenize_compression(self.tok, batch_records, self.layout, rng)
+            k = self.layout.docs_per_example
+            per = {"enc_ids": k, "enc_mask": k}
+        self.index += 1
+        self.stats.add(stats)
+        return to_micro_steps(arrays, self.global_size, self.micro_size, per)
+
+
+def process_local(arrays: dict, process_index: int, process_count: int) -> dict:
+    """This process's rows along the micro-batch axis (dim 1)."""
+    if process_count == 1:
+        return arrays
+    out = {}
+    for key, value in arrays.items():
+        rows = value.shape[1] // process_count
+        out[key] = value[:, process_index * rows : (process_index + 1) * rows]
+    return out

@@ -1,0 +1,184 @@
+"""From a run config to a ready model: base weights, tokenizer, CLaRa tokens, adapters.
+
+Stages chain through `init_from` (the previous stage's workdir):
+  stage 2 <- stage 1: the compressor and the <MEM*> rows; a fresh generator (as the paper does)
+  stage 3 <- stage 2: compressor, generator and <MEM*> rows; the query reasoner starts as a copy
+                      of the compressor (CLARA_SPEC §1.3)
+The shape-defining settings (preset, compression rate, doc length, LoRA) are taken from the
+previous stage's saved config and must agree with this run's (CLARA_SPEC §8.1 item 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import ml_collections
+from flax import nnx
+
+from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
+from clara_jax.data.tokenizer import ClaraTokenizer, load_tokenizer
+from clara_jax.interop.hf import load_decoder
+from clara_jax.model.clara import COMPRESSOR, GENERATOR, QUERY_REASONER, ROLES, ClaraConfig
+from clara_jax.model.decoder import Decoder
+from clara_jax.model.lora import LoRAConfig
+from clara_jax.model.presets import preset
+from clara_jax.model.vocab import extend_vocabulary
+from clara_jax.training.checkpoint import Checkpointer, abstract_like
+from clara_jax.training.optimizer import OptimizerConfig, make_optimizer
+from clara_jax.training.stages import stage_spec
+from clara_jax.training.step import TrainState
+from clara_jax.training.trainable import split_trainable
+
+log = logging.getLogger(__name__)
+
+# Settings that fix parameter shapes or the base weights: they must match across chained stages.
+CHAINED_KEYS = (
+    "model.preset",
+    "model.path",
+    "clara.doc_max_length",
+    "clara.compression_rate",
+    "lora.rank",
+    "lora.target_modules",
+    "seed",
+)
+# What each stage keeps from its predecessor.
+INHERITED = {"stage2": (COMPRESSOR,), "stage3": (COMPRESSOR, GENERATOR)}
+
+
+@dataclasses.dataclass
+class BuiltModel:
+    tokenizer: ClaraTokenizer
+    model: Decoder
+    clara: ClaraConfig
+
+
+def clara_config(config: ml_collections.ConfigDict, tok: ClaraTokenizer) -> ClaraConfig:
+    c = config.clara
+    return ClaraConfig(
+        mem_token_ids=tok.mem_token_ids,
+        doc_max_length=c.doc_max_length,
+        compression_rate=c.compression_rate,
+        mse_weight=c.mse_weight,
+        top_k=c.top_k,
+        temperature=c.temperature,
+        topk_mask_mode=c.topk_mask_mode,
+    )
+
+
+def tokenizer_dir(config) -> str:
+    if config.model.tokenizer:
+        return config.model.tokenizer
+    if config.model.path:
+        return config.model.path
+    if config.model.preset == "tiny":
+        return str(TINY_TOKENIZER_DIR)
+    raise ValueError(
+        f"model.preset={config.model.preset!r} needs --config.model.path (a local transformers "
+        "directory with its weights and tokenizer); only 'tiny' has a built-in random init"
+    )
+
+
+def build_model(config: ml_collections.ConfigDict) -> BuiltModel:
+    """Base decoder + CLaRa vocabulary + the three adapters (fresh), per the config."""
+    n_mem = config.clara.doc_max_length // config.clara.compression_rate
+    tok = load_tokenizer(tokenizer_dir(config), n_mem=n_mem)
+    if config.model.path:
+        model = load_decoder(config.model.path, dtype=config.model.dtype, remat=config.model.remat)
+    else:
+        arch = preset(config.model.preset).replace(
+            vocab_size=tok.base_vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id
+        )
+        model = Decoder(arch, rngs=nnx.Rngs(config.seed), dtype=config.model.dtype, remat=config.model.remat)
+    extend_vocabulary(
+        model, tok.vocab_size, key=jax.random.key(config.seed), trainable_token_ids=tok.mem_token_ids
+    )
+    targets = config.lora.target_modules
+    lora = LoRAConfig(
+        rank=config.lora.rank,
+        alpha=config.lora.alpha,
+        dropout=config.lora.dropout,
+        target_modules=targets if isinstance(targets, str) else tuple(targets),
+    )
+    for i, role in enumerate(ROLES):
+        model.add_adapter(role, lora, rngs=nnx.Rngs(config.seed + 1 + i))
+    return BuiltModel(tok, model, clara_config(config, tok))
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_chain(config, previous: dict, source: str) -> None:
+    """The previous stage must have produced parameters this run can use."""
+    prev = ml_collections.ConfigDict(previous)
+    problems = []
+    for key in CHAINED_KEYS:
+        mine, theirs = _get(config, key), _get(prev, key)
+        if mine != theirs:
+            problems.append(f"{key}: this run has {mine!r}, {source} was trained with {theirs!r}")
+    expected_prev = {"stage2": "stage1", "stage3": "stage2"}.get(config.stage)
+    if expected_prev and prev.stage != expected_prev:
+        problems.append(f"stage: {config.stage} starts from {expected_prev}, but {source} is {prev.stage}")
+    if problems:
+        raise ValueError(f"cannot initialise from {source}:\n  " + "\n  ".join(problems))
+
+
+def init_from_previous_stage(built: BuiltModel, config, workdir: str) -> dict:
+    """Copy the inherited adapters and <MEM*> rows from the previous stage's newest checkpoint."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt = Checkpointer(ckpt_dir, async_save=False)
+    try:
+        meta = ckpt.restore_meta()
+        check_chain(config, meta["config"], ckpt_dir)
+        prev = stage_spec(meta["config"]["stage"])
+        _, prev_params, _ = split_trainable(built.model, prev.adapters, prev.train_mem_rows)
+        # the previous run saved a whole TrainState: restore into that layout, keep its params
+        tx = make_optimizer(optimizer_config(meta["config"]))
+        abstract = abstract_like(TrainState.create(prev_params, tx, jax.random.key_data(jax.random.key(0))))
+        restored = ckpt.restore_latest(abstract)
+        if restored is None:
+            raise FileNotFoundError(f"{ckpt_dir}: no readable checkpoint to initialise from")
+        step, state, _, _ = restored
+    finally:
+        ckpt.close()
+
+    inherit = INHERITED.get(config.stage, ())
+    params = state.params
+    for role in inherit:
+        nnx.update(built.model.adapters[role], params["adapters"][role])
+    if "embed_rows" in params:
+        built.model.embed_rows.set_value(params["embed_rows"][...])
+    if config.stage == "stage3":  # the query reasoner starts from the trained compressor
+        nnx.update(built.model.adapters[QUERY_REASONER], nnx.state(built.model.adapters[COMPRESSOR]))
+    log.info(
+        "initialised %s from %s step %d: %s%s",
+        config.stage,
+        ckpt_dir,
+        step,
+        ", ".join(inherit),
+        " (+ query_reasoner <- compressor)" if config.stage == "stage3" else "",
+    )
+    return {"source": ckpt_dir, "step": step, "inherited": list(inherit)}
+
+
+def optimizer_config(cfg, total_steps: int | None = None) -> OptimizerConfig:
+    """The OptimizerConfig of a run config (a ConfigDict or its saved dict form)."""
+    o = cfg["optim"]
+    steps = total_steps or int(cfg["total_steps"] or 1)
+    return OptimizerConfig(
+        learning_rate=o["lr"],
+        schedule=o["schedule"],
+        total_steps=max(steps, 1),
+        warmup_ratio=o["warmup_ratio"],
+        min_lr_ratio=o["min_lr_ratio"],
+        b1=o["b1"],
+        b2=o["b2"],
+        weight_decay=o["weight_decay"],
+        clip_norm=o["clip_norm"],
+    )

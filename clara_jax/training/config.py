@@ -1,0 +1,169 @@
+"""Loading, overriding and validating run configs (`configs/*.py:ARG` + `--config.a.b=value`).
+
+Overrides are typed by the field they replace, unknown keys are refused with the closest
+known names, and `validate` reports every problem at once, before anything heavy starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
+
+import ml_collections
+
+from clara_jax.model.decoder import REMAT_POLICIES, DTypePolicy
+from clara_jax.model.presets import PRESETS
+from clara_jax.model.topk import MASK_MODES
+from clara_jax.parallel.mesh import MeshConfig
+from clara_jax.training.objectives import STAGES
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """'configs/stage1_scp.py:tiny,runlocal' -> get_config('tiny,runlocal')."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist (expected e.g. configs/stage1_scp.py:tiny)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:  # config files import `configs.common`
+        sys.path.insert(0, root)
+    module_spec = importlib.util.spec_from_file_location(f"_clara_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: no get_config(arg) function")
+    try:
+        return module.get_config(arg or None)
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _parse_value(text: str, current, key: str):
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ConfigError(f"--config.{key}: expected true/false, got {text!r}")
+    for kind in (int, float):
+        if isinstance(current, kind):
+            try:
+                return kind(text)
+            except ValueError:
+                raise ConfigError(f"--config.{key}: expected {kind.__name__}, got {text!r}") from None
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """Apply `--config.a.b=value` (or `a.b=value`) strings in order."""
+    flat = {k: v for k, v in _flatten(config)}
+    for item in overrides:
+        text = item[len("--config.") :] if item.startswith("--config.") else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} must look like --config.key=value")
+        key, value = text.split("=", 1)
+        if key not in flat:
+            close = difflib.get_close_matches(key, flat, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"--config.{key}: no such config field{hint}")
+        parsed = _parse_value(value, flat[key], key)
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        node[parts[-1]] = parsed
+        flat[key] = parsed
+    return config
+
+
+def _flatten(config, prefix=""):
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _flatten(value, path + ".")
+        else:
+            yield path, value
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Every problem of a config, with the field and what is expected, in one error."""
+    problems = []
+
+    def need(ok: bool, field: str, expected: str):
+        if not ok:
+            problems.append(f"{field} = {_get(c, field)!r}: expected {expected}")
+
+    need(c.stage in STAGES, "stage", f"one of {STAGES}")
+    need(c.model.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}")
+    need(
+        bool(c.model.path) or c.model.preset == "tiny",
+        "model.path",
+        "a local transformers directory (only the 'tiny' preset has a built-in random init)",
+    )
+    try:
+        DTypePolicy.parse(c.model.dtype)
+    except (TypeError, ValueError):
+        need(False, "model.dtype", "'float32', 'bfloat16' or 'p=float32,c=bfloat16'")
+    need(c.model.remat in REMAT_POLICIES, "model.remat", f"one of {sorted(REMAT_POLICIES)}")
+    need(c.lora.rank > 0, "lora.rank", "> 0")
+    need(c.lora.alpha > 0, "lora.alpha", "> 0")
+    need(0 <= c.lora.dropout < 1, "lora.dropout", "in [0, 1)")
+    k = c.clara
+    need(
+        1 <= k.compression_rate <= min(256, k.doc_max_length),
+        "clara.compression_rate",
+        "in [1, min(256, doc_max_length)]",
+    )
+    need(k.doc_max_length >= 1, "clara.doc_max_length", ">= 1")
+    need(k.mse_weight >= 0, "clara.mse_weight", ">= 0")
+    need(k.docs_per_example >= 1, "clara.docs_per_example", ">= 1")
+    need(k.top_k >= 1, "clara.top_k", ">= 1")
+    need(k.temperature > 0, "clara.temperature", "> 0")
+    need(k.topk_mask_mode in MASK_MODES, "clara.topk_mask_mode", f"one of {MASK_MODES}")
+    need(k.query_max_length >= 1, "clara.query_max_length", ">= 1")
+    need(k.generator_max_length >= 16, "clara.generator_max_length", ">= 16")
+    need(c.data.policy in ("error", "skip"), "data.policy", "'error' or 'skip'")
+    need(c.data.bucket >= 1, "data.bucket", ">= 1")
+    need(c.data.num_epochs >= 1, "data.num_epochs", ">= 1")
+    if c.stage == "stage3":
+        need(c.data.candidates >= k.top_k, "data.candidates", f">= clara.top_k = {k.top_k}")
+        need(k.mse_weight == 0, "clara.mse_weight", "0 in stage 3 (the compressor is frozen)")
+    need(c.batch.micro_size >= 1, "batch.micro_size", ">= 1")
+    need(
+        c.batch.global_size >= c.batch.micro_size and c.batch.global_size % c.batch.micro_size == 0,
+        "batch.global_size",
+        f"a multiple of batch.micro_size = {c.batch.micro_size}",
+    )
+    need(c.optim.lr > 0, "optim.lr", "> 0")
+    need(c.optim.schedule in ("cosine", "constant"), "optim.schedule", "'cosine' or 'constant'")
+    need(0 <= c.optim.warmup_ratio < 1, "optim.warmup_ratio", "in [0, 1)")
+    need(0 <= c.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]")
+    need(c.optim.clip_norm > 0, "optim.clip_norm", "> 0")
+    need(c.total_steps >= 0, "total_steps", ">= 0 (0: derived from the data)")
+    try:
+        MeshConfig.from_spec(c.mesh)
+    except ValueError as err:
+        problems.append(f"mesh = {c.mesh!r}: {err}")
+    need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", ">= 1")
+    need(c.checkpoint.keep >= 1, "checkpoint.keep", ">= 1")
+    need(c.log_every >= 1, "log_every", ">= 1")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _get(c, dotted):
+    node = c
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    config = apply_overrides(load_config_file(spec), list(overrides))
+    validate(config)
+    return config

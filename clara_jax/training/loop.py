@@ -1,0 +1,278 @@
+"""The training loop: resume, step, log, checkpoint, stop cleanly on preemption.
+
+Host work overlaps device work: a step's metrics are fetched while the next step runs, so the
+loop never blocks on the loss it just dispatched (except at checkpoints, where the state about
+to be saved must be known finite).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+
+from clara_jax.data.pipeline import BatchIterator, LayoutConfig, process_local
+from clara_jax.data.sources import read_records
+from clara_jax.model.flops import forward_flops, lora_train_flops
+from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh
+from clara_jax.training.build import build_model, init_from_previous_stage, optimizer_config
+from clara_jax.training.checkpoint import Checkpointer, abstract_like
+from clara_jax.training.metrics import MetricsWriter, plot_history
+from clara_jax.training.stages import build_stage_trainer, stage_spec
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class RunSummary:
+    workdir: str
+    stage: str
+    first_step: int
+    last_step: int
+    preempted: bool
+    final_metrics: dict
+    plots: list
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT (e.g. TPU preemption) ask the loop to save and exit at the next step."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _global_batch(arrays: dict, shardings: dict) -> dict:
+    local = process_local(arrays, jax.process_index(), jax.process_count())
+    return {
+        k: jax.make_array_from_process_local_data(shardings[k], v, arrays[k].shape) for k, v in local.items()
+    }
+
+
+def layout_config(config) -> LayoutConfig:
+    c = config.clara
+    return LayoutConfig(
+        doc_max_length=c.doc_max_length,
+        query_max_length=c.query_max_length,
+        generator_max_length=c.generator_max_length,
+        bucket=config.data.bucket,
+        docs_per_example=c.docs_per_example,
+        top_k=c.top_k,
+        candidates=config.data.candidates,
+    )
+
+
+def step_flops(cfg, stage: str, batch: dict, rank: int) -> float:
+    """Analytic FLOPs of one optimizer step (what the model computes, padding included)."""
+    total = 0.0
+    enc = batch["enc_ids"].shape
+    gen = batch["gen_ids"].shape
+    micro = enc[0]
+    if stage == "stage3":
+        total += micro * forward_flops(cfg, enc[1], enc[2], lora_rank=rank, logits=False)
+        q = batch["query_ids"].shape
+        total += micro * lora_train_flops(cfg, q[1], q[2], lora_rank=rank) * 0.5  # no logits, ~half
+    else:
+        total += micro * lora_train_flops(cfg, enc[1], enc[2], lora_rank=rank) * 0.5
+    total += micro * lora_train_flops(cfg, gen[1], gen[2], lora_rank=rank)
+    return total
+
+
+def _finite(metrics: dict) -> bool:
+    return all(math.isfinite(float(v)) for v in metrics.values())
+
+
+def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> RunSummary:
+    workdir = os.path.abspath(workdir)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(MeshConfig.from_spec(config.mesh))
+    log.info("%s: %s on mesh %s", workdir, config.stage, describe(mesh))
+
+    built = build_model(config)
+    init_info = init_from_previous_stage(built, config, config.init_from) if config.init_from else None
+
+    stage = config.stage
+    records, report = read_records(
+        config.data.train,
+        stage,
+        policy=config.data.policy,
+        min_docs=config.clara.top_k if stage == "stage3" else None,
+        docs_per_example=config.clara.docs_per_example if stage == "stage2" else None,
+    )
+    log.info("%s: %s", config.data.train, report.summary())
+    batches = BatchIterator(
+        records,
+        built.tokenizer,
+        stage,
+        layout_config(config),
+        global_size=config.batch.global_size,
+        micro_size=config.batch.micro_size,
+        seed=config.seed,
+        num_epochs=config.data.num_epochs,
+    )
+    total_steps = config.total_steps or batches.total_steps
+    spec = stage_spec(stage, docs_per_example=config.clara.docs_per_example)
+    first = next(
+        iter(
+            BatchIterator(
+                records,
+                built.tokenizer,
+                stage,
+                layout_config(config),
+                global_size=config.batch.global_size,
+                micro_size=config.batch.micro_size,
+                seed=config.seed,
+            )
+        )
+    )
+    trainer = build_stage_trainer(
+        built.model,
+        spec,
+        built.clara,
+        optimizer_config(config, total_steps),
+        mesh,
+        first,
+        seed=config.seed,
+        gumbel=config.clara.gumbel,
+    )
+    del first
+
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+    )
+    state = trainer.state
+    restored = ckpt.restore_latest(abstract_like(state, trainer.shardings.state))
+    start_step = 0
+    if restored is not None:
+        start_step, state, data_state, _ = restored
+        batches.restore(data_state)
+        log.info("resumed from %s step %d", ckpt.directory, start_step)
+    meta = {
+        "config": config.to_dict(),
+        "init_from": init_info,
+        "tokenizer": {"vocab_size": built.tokenizer.vocab_size, "n_mem": built.tokenizer.n_mem},
+    }
+    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step if restored else None)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        disable=not (progress and is_main),
+        unit="step",
+        desc=stage,
+        dynamic_ncols=True,
+    )
+    step = start_step
+    last_good = start_step if restored else None
+    pending = None  # (step, metrics on device, wall time, flops) of the previous step
+    final_metrics, preempted = {}, False
+
+    def flush(entry):
+        nonlocal final_metrics
+        done_step, device_metrics, seconds, flops, tokens = entry
+        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        if not _finite(metrics):
+            bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+            raise TrainingDiverged(
+                f"non-finite metrics at step {done_step}: {bad}; stopped without saving. The last good "
+                f"checkpoint is step {last_good} in {ckpt.directory}"
+                if last_good is not None
+                else f"non-finite metrics at step {done_step}: {bad}; stopped before any checkpoint was written"
+            )
+        metrics["tokens_per_s"] = tokens / seconds
+        metrics["flops_per_s"] = flops / seconds
+        final_metrics = metrics
+        if done_step % config.log_every == 0 or done_step == total_steps:
+            writer.write(done_step, metrics)
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}",
+            lr=f"{metrics.get('learning_rate', 0):.1e}",
+            tok_s=f"{metrics['tokens_per_s']:.0f}",
+            gflops=f"{metrics['flops_per_s'] / 1e9:.1f}",
+        )
+
+    with mesh, _StopFlag() as stop:
+        try:
+            tick = time.perf_counter()
+            while step < total_steps:
+                try:
+                    arrays = next(batches)
+                except StopIteration:
+                    break
+                batch = _global_batch(arrays, trainer.shardings.batch)
+                state, metrics = trainer.step(state, trainer.frozen, batch)  # dispatched, not awaited
+                step += 1
+                if pending is not None:
+                    flush(pending)  # the previous step's metrics: by now that step has finished
+                now = time.perf_counter()
+                tokens = int(arrays["gen_mask"].sum() + arrays["enc_mask"].sum())
+                flops = step_flops(built.model.config, stage, arrays, config.lora.rank)
+                pending = (step, metrics, now - tick, flops, tokens)
+                tick = now
+                bar.update(1)
+                if step % config.checkpoint.every_steps == 0 or step == total_steps or stop.signal:
+                    flush(pending)  # never checkpoint a state whose loss is not finite
+                    pending = None
+                    ckpt.save(step, state, batches.state(), meta, wait=bool(stop.signal))
+                    last_good = step
+                if stop.signal:
+                    preempted = True
+                    log.warning("%s received: saved step %d, exiting", stop.signal, step)
+                    break
+            if pending is not None:
+                flush(pending)
+        finally:
+            bar.close()
+            ckpt.close()
+            writer.close()
+
+    plots = plot_history(workdir) if (is_main and config.plot and not preempted) else []
+    if batches.stats.docs_truncated:
+        log.info(
+            "documents truncated to doc_max_length: %d of %d",
+            batches.stats.docs_truncated,
+            batches.stats.docs,
+        )
+    trainer.state = state
+    _LAST_TRAINER[workdir] = trainer
+    return RunSummary(workdir, stage, start_step, step, preempted, final_metrics, plots)
+
+
+# The last trainer of each workdir in this process, for callers that evaluate right after training.
+_LAST_TRAINER: dict = {}
+
+
+def trained_model(workdir: str):
+    trainer = _LAST_TRAINER[os.path.abspath(workdir)]
+    return trainer.model()

@@ -1,0 +1,115 @@
+"""Shared pieces of the stage configs (big_vision style: `get_config(arg)` in each file).
+
+`arg` is the text after the colon in `--config=configs/stage1_scp.py:ARG`: a preset name
+(`tiny`, `mistral_7b`, …) optionally followed by `key=value` pairs, e.g. `mistral_7b,runlocal`
+or `preset=smollm2_135m,runlocal=False`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PAPER = "arXiv 2511.18659 App. B and the official scripts (CLARA_SPEC §3)"
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """'tiny,runlocal' -> {preset: 'tiny', runlocal: True}; values typed like their defaults."""
+    out = dict(defaults)
+    for i, part in enumerate(p.strip() for p in (arg or "").split(",") if p.strip()):
+        if "=" in part:
+            key, value = part.split("=", 1)
+        elif i == 0 and "preset" in defaults:
+            key, value = "preset", part
+        else:
+            key, value = part, "True"
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}")
+        kind = type(defaults[key])
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return ml_collections.ConfigDict(out)
+
+
+def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
+    """Every knob of a training run, with the paper's defaults."""
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.seed = 42
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = preset
+    c.model.path = (
+        ""  # local transformers directory with the base weights ('' = preset's random init: tiny only)
+    )
+    c.model.tokenizer = ""  # tokenizer directory ('' = model.path, or the bundled tiny tokenizer for `tiny`)
+    c.model.dtype = "p=bfloat16,c=bfloat16"
+    c.model.remat = "none"
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 16
+    c.lora.alpha = 32.0
+    c.lora.dropout = 0.1
+    c.lora.target_modules = "all-linear"
+
+    c.clara = ml_collections.ConfigDict()
+    c.clara.doc_max_length = 256
+    c.clara.compression_rate = 32
+    c.clara.mse_weight = 0.1
+    c.clara.docs_per_example = 1  # documents spliced per example in stages 1 and 2
+    c.clara.top_k = 5  # stage 3: documents selected out of the candidates
+    c.clara.temperature = 0.02
+    c.clara.topk_mask_mode = "exact"  # "official" reproduces the release's log(mask + 1e-8)
+    c.clara.gumbel = False
+    c.clara.query_max_length = 64  # queries are padded to their own short length (official: 1027)
+    c.clara.generator_max_length = 2048
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # JSONL / JSON / Parquet / ArrayRecord of the stage's records
+    c.data.eval = ""
+    c.data.policy = "error"  # "error": stop at the first bad record; "skip": count, log and continue
+    c.data.bucket = 32  # pad lengths up to multiples of this (and powers of two of it)
+    c.data.num_epochs = 1
+    c.data.candidates = 20  # stage 3: candidates per question
+
+    c.batch = ml_collections.ConfigDict()
+    c.batch.global_size = 128  # examples per optimizer step
+    c.batch.micro_size = 8  # examples per micro-step across all devices (accumulation = global / micro)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.schedule = "cosine"
+    c.optim.warmup_ratio = 0.03
+    c.optim.min_lr_ratio = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 1.0
+    c.total_steps = 0  # 0: derived from the data size and num_epochs
+
+    c.mesh = "data=-1,fsdp=1,tensor=1"
+    c.init_from = ""  # workdir of the previous stage (stage 2 <- stage 1, stage 3 <- stage 2)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log_every = 10
+    c.plot = True
+    return c
+
+
+def apply_preset_defaults(c: ml_collections.ConfigDict, runlocal: bool) -> None:
+    """The small local variant: a tiny model and batch that run on a laptop CPU."""
+    if c.model.preset == "tiny":
+        c.model.dtype = "float32"
+        c.lora.rank = 8
+        c.lora.alpha = 16.0
+        c.clara.doc_max_length = 64
+        c.clara.compression_rate = 8
+        c.clara.generator_max_length = 512
+        c.clara.query_max_length = 32
+    if runlocal:
+        c.batch.global_size = 8
+        c.batch.micro_size = 4
+        c.checkpoint.every_steps = 20
+        c.log_every = 5
