@@ -8,61 +8,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """A tiny decoder with CLaRa's tokens and adapters: forward, then greedy generation."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+    """All three stages on a seeded synthetic corpus, then a before/after table."""
+    import logging
 
-    from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
-    from clara_jax.data.tokenizer import load_tokenizer, render_chat
-    from clara_jax.inference.generation import SamplingConfig, generate
-    from clara_jax.model.config import tiny_config
-    from clara_jax.model.decoder import Decoder
-    from clara_jax.model.lora import LoRAConfig
-    from clara_jax.model.vocab import extend_vocabulary
+    from clara_jax.demo import run_demo
 
-    start = time.perf_counter()
-    tok = load_tokenizer(TINY_TOKENIZER_DIR, n_mem=args.n_mem)
-    cfg = tiny_config(vocab_size=tok.base_vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    model = Decoder(cfg, rngs=nnx.Rngs(args.seed))
-    extend_vocabulary(
-        model, tok.vocab_size, key=jax.random.key(args.seed), trainable_token_ids=tok.mem_token_ids
-    )
-    for i, role in enumerate(("compressor", "query_reasoner", "generator")):
-        model.add_adapter(role, LoRAConfig(rank=8, alpha=16), rngs=nnx.Rngs(args.seed + i + 1))
-    print(
-        f"model: {cfg.num_layers} layers, width {cfg.hidden_size}, vocab {cfg.vocab_size} "
-        f"(+{tok.n_mem + 3} CLaRa tokens), {cfg.param_count() / 1e6:.2f}M base parameters, "
-        f"adapters {sorted(model.adapters)}"
-    )
-
-    prompt = render_chat(
-        tok,
-        [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": args.prompt},
-        ],
-        add_generation_prompt=True,
-    )
-    batch = tok.hf([prompt], add_special_tokens=False, return_tensors="np", padding=True)
-    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
-    logits = model(ids, mask, adapter="generator")
-    print(f"prompt: {prompt!r}\n  {ids.shape[1]} tokens -> logits {tuple(logits.shape)} {logits.dtype}")
-
-    sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, eos_token_ids=(tok.eos_id,), pad_token_id=tok.pad_id
-    )
-    tokens = generate(model, ids, mask, sampling=sampling, adapter="generator")
-    text = tok.hf.decode([t for t in tokens[0].tolist() if t != tok.pad_id])
-    print(
-        f"greedy continuation ({args.max_new_tokens} tokens max, random weights, so not meaningful text):\n  {text!r}"
-    )
-    print(f"done in {time.perf_counter() - start:.1f} s on {jax.devices()[0].platform}")
+    _configure_logging(logging)
+    run_demo(args.workdir, scale=args.scale, n_eval=args.eval_questions)
     return 0
+
+
+def _configure_logging(logging) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    for noisy in ("absl", "orbax", "jax", "etils", "tensorboardX"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -117,18 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
-        help="run the embedded default: a tiny CLaRa-ready decoder on the CPU",
-        description="Builds a tiny random decoder with the bundled tokenizer, adds CLaRa's memory tokens and "
-        "its three adapters, and runs a forward pass and greedy KV-cache generation.",
+        help="the embedded default: train a tiny CLaRa through stages 1-3 on synthetic data (~10 min on a CPU)",
+        description="Writes a seeded synthetic knowledge corpus, pretrains a tiny base LLM on its training passages, "
+        "scores the untrained model, trains stage 1 (SCP) -> stage 2 (instruction tuning) -> stage 3 (end to end) "
+        "with `clara-jax train`'s machinery, and prints a before/after table of stage-3 Recall@1/@5 (against "
+        "chance) and answer EM/F1 on held-out questions, plus where the plots are. Re-running resumes.",
     )
     demo.add_argument(
-        "--prompt",
-        default="Background: the river Tamar runs past Launceston. Question: where?",
-        help="user message rendered with the chat template",
+        "--workdir", default="runs/demo", help="where data, checkpoints and plots go (default runs/demo)"
     )
-    demo.add_argument("--n-mem", type=int, default=8, help="number of <MEM*> tokens to add (default 8)")
-    demo.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate (default 24)")
-    demo.add_argument("--seed", type=int, default=0, help="PRNG seed for the random weights")
+    demo.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every stage's step count (default 1.0)"
+    )
+    demo.add_argument(
+        "--eval-questions", type=int, default=100, help="held-out questions to score (default 100)"
+    )
     demo.set_defaults(func=_demo)
 
     train = sub.add_parser(

@@ -56,24 +56,24 @@ class TokenStats:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
-def _pad_left(array: np.ndarray, width: int, value) -> np.ndarray:
+def pad_left(array: np.ndarray, width: int, value) -> np.ndarray:
     return np.pad(array, ((0, 0), (width - array.shape[1], 0)), constant_values=value)
 
 
-def _encoder(tok, texts, max_length, bucket):
+def encoder_rows(tok, texts, max_length, bucket):
     """Encoder rows padded to a bucketed width (tokenized once, at their natural width)."""
     enc = encoder_batch(tok, texts, max_length, bucket=1)
     width = min(bucket_length(enc.ids.shape[1] - tok.n_mem, bucket), max_length + 3) + tok.n_mem
     return dataclasses.replace(
-        enc, ids=_pad_left(enc.ids, width, tok.pad_id), mask=_pad_left(enc.mask, width, False)
+        enc, ids=pad_left(enc.ids, width, tok.pad_id), mask=pad_left(enc.mask, width, False)
     )
 
 
 def _generator(tok, prompts, cfg: LayoutConfig, expect_docs: int):
     gen = generator_batch(tok, prompts, cfg.generator_max_length, bucket=1, expect_docs=expect_docs)
     width = min(bucket_length(gen.ids.shape[1], cfg.bucket), cfg.generator_max_length)
-    ids, mask = _pad_left(gen.ids, width, tok.pad_id), _pad_left(gen.mask, width, False)
-    targets, target_mask = label_ids(ids, _pad_left(gen.loss_mask, width, False))
+    ids, mask = pad_left(gen.ids, width, tok.pad_id), pad_left(gen.mask, width, False)
+    targets, target_mask = label_ids(ids, pad_left(gen.loss_mask, width, False))
     arrays = dict(gen_ids=ids, gen_mask=mask, targets=targets, target_mask=target_mask)
     return arrays, gen.n_truncated
 
@@ -94,7 +94,7 @@ def tokenize_compression(tok: ClaraTokenizer, records: Sequence, cfg: LayoutConf
                 raise ValueError(f"expected {k} documents per example, a record has {len(r.docs)}")
             docs.extend(r.docs)
             prompts.append(standard_prompt(tok, r.question, k, r.answer))
-    enc = _encoder(tok, docs, cfg.doc_max_length, cfg.bucket)
+    enc = encoder_rows(tok, docs, cfg.doc_max_length, cfg.bucket)
     arrays, gen_truncated = _generator(tok, prompts, cfg, k)
     arrays.update(enc_ids=enc.ids, enc_mask=enc.mask)
     stats = TokenStats(len(records), len(docs), enc.n_truncated, gen_truncated)
@@ -112,8 +112,8 @@ def tokenize_retrieval(tok: ClaraTokenizer, records: Sequence, cfg: LayoutConfig
         for p in r.pos_index:
             if p < n:
                 positives[i, p] = True
-    enc = _encoder(tok, docs, cfg.doc_max_length, cfg.bucket)
-    queries = _encoder(tok, [r.question for r in records], cfg.query_max_length, cfg.bucket)
+    enc = encoder_rows(tok, docs, cfg.doc_max_length, cfg.bucket)
+    queries = encoder_rows(tok, [r.question for r in records], cfg.query_max_length, cfg.bucket)
     prompts = [standard_prompt(tok, r.question, cfg.top_k, r.answer) for r in records]
     arrays, gen_truncated = _generator(tok, prompts, cfg, cfg.top_k)
     arrays.update(

@@ -136,6 +136,23 @@ def tiny_corpus() -> list[str]:
         doc = docs[i % len(docs)]
         lines.append(f"[INST] {_SYSTEM_PROMPTS[2]}\n\nBackground:\n{doc}\n\nQuestion:{q} [/INST] {a}")
         lines.append(f"Question: {q}\nAnswer: {a}")
+    lines.extend(_synthetic_lines())
+    return lines
+
+
+def _synthetic_lines() -> list[str]:
+    """The demo corpus's passages, questions and answers, so its names and phrases get merges
+    (about three times fewer tokens per passage than character-level pieces)."""
+    from clara_jax.data.synthetic import SyntheticCorpusConfig, build_corpus
+
+    corpus = build_corpus(SyntheticCorpusConfig())
+    lines = []
+    for record in corpus.files["stage1_train"]:
+        lines.append(record["docs"][0])
+        if record["data_type"] == "qa":
+            lines.extend(f"Question: {q}\nAnswer: {a}" for q, a in zip(record["question"], record["answers"]))
+        else:
+            lines.extend(record["answers"])
     return lines
 
 

@@ -36,8 +36,8 @@ class MetricsWriter:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         for key, value in row.items():
-            if key != "step" and math.isfinite(value):
-                self._tb.add_scalar(key, value, step)
+            if key != "step" and math.isfinite(value):  # TensorBoard names allow no '@'
+                self._tb.add_scalar(key.replace("@", "_at_"), value, step)
 
     def close(self) -> None:
         if self.enabled:

@@ -1,0 +1,95 @@
+"""Every config file parses and validates, for every preset; overrides are typed and checked."""
+
+from pathlib import Path
+
+import pytest
+
+from clara_jax.model.presets import PRESETS
+from clara_jax.training.config import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("stage*.py"))
+
+
+def test_there_is_a_config_per_stage():
+    assert [p.name for p in CONFIGS] == ["stage1_scp.py", "stage2_instruct.py", "stage3_e2e.py"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("runlocal", [False, True])
+def test_every_config_and_preset_validates(path, preset, runlocal):
+    arg = preset + (",runlocal" if runlocal else "")
+    overrides = [] if preset == "tiny" else ["--config.model.path=/models/somewhere"]
+    config = load_config(f"{path}:{arg}", overrides)
+    assert config.model.preset == preset
+    assert (
+        config.stage
+        == {"stage1_scp": "stage1", "stage2_instruct": "stage2", "stage3_e2e": "stage3"}[path.stem]
+    )
+    assert config.batch.global_size % config.batch.micro_size == 0
+
+
+def test_paper_defaults():
+    s1 = load_config(f"{CONFIGS[0]}:mistral_7b", ["--config.model.path=/m"])
+    assert (s1.optim.lr, s1.optim.schedule, s1.batch.global_size, s1.clara.compression_rate) == (
+        1e-4,
+        "cosine",
+        128,
+        32,
+    )
+    assert (s1.clara.doc_max_length, s1.clara.mse_weight, s1.optim.b2, s1.optim.clip_norm) == (
+        256,
+        0.1,
+        0.95,
+        1.0,
+    )
+    s3 = load_config(f"{CONFIGS[2]}:mistral_7b", ["--config.model.path=/m"])
+    assert (s3.optim.lr, s3.optim.schedule, s3.batch.global_size, s3.clara.top_k, s3.clara.temperature) == (
+        5e-6,
+        "constant",
+        32,
+        5,
+        0.02,
+    )
+    s2 = load_config(f"{CONFIGS[1]}:tiny")
+    assert s2.clara.docs_per_example == 5
+
+
+def test_overrides_are_typed_and_checked():
+    config = load_config(
+        f"{CONFIGS[0]}:tiny",
+        ["--config.optim.lr=3e-4", "--config.plot=false", "--config.batch.global_size=16"],
+    )
+    assert config.optim.lr == 3e-4 and config.plot is False and config.batch.global_size == 16
+    with pytest.raises(ConfigError, match="expected float"):
+        load_config(f"{CONFIGS[0]}:tiny", ["--config.optim.lr=fast"])
+    with pytest.raises(ConfigError, match="did you mean optim.lr"):
+        load_config(f"{CONFIGS[0]}:tiny", ["--config.optim.lrr=1"])
+
+
+def test_validation_reports_every_problem_with_field_and_expectation():
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            f"{CONFIGS[2]}:tiny",
+            [
+                "--config.batch.global_size=10",
+                "--config.batch.micro_size=4",
+                "--config.clara.top_k=30",
+                "--config.lora.dropout=1.5",
+                "--config.mesh=data=3,fsdp=-1,tensor=-1",
+            ],
+        )
+    text = str(err.value)
+    for fragment in (
+        "batch.global_size = 10: expected a multiple of batch.micro_size = 4",
+        "data.candidates = 20: expected >= clara.top_k = 30",
+        "lora.dropout = 1.5: expected in [0, 1)",
+        "mesh = 'data=3,fsdp=-1,tensor=-1'",
+    ):
+        assert fragment in text
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config(f"{CONFIGS[0]}:mistral_7b")
+    with pytest.raises(ConfigError, match="unknown config argument"):
+        load_config(f"{CONFIGS[0]}:tiny,fast")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.py:tiny")
