@@ -16,17 +16,20 @@ INSTALL_REQUIRES = [
     "jinja2>=3.1",
     "tqdm>=4.66",
     "tensorboardX>=2.6",
+    "matplotlib>=3.8",
 ]
 
 EXTRAS = {
     # The CPU wheel of torch lies on this project's machines; parity and interop tests need it.
     "torch": ["torch==2.13.0", "peft>=0.13", "accelerate>=1.0"],
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
-    "data": ["datasets>=3.0", "grain>=0.2"],
+    # Parquet / HF datasets and ArrayRecord sources for large corpora (imported lazily).
+    "data": ["datasets>=3.0", "grain>=0.2", "array-record>=0.5"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
     # libtpu makes jax probe for a TPU at start-up, so it is never part of the default install.
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]"],
 }
+EXTRAS["test"] += EXTRAS["data"]
 EXTRAS["dev"] = EXTRAS["torch"] + EXTRAS["test"]
 
 setup(

@@ -1,7 +1,7 @@
 """Time one jitted CLaRa train step per stage, on 1 device and on a simulated 8-device mesh.
 
-    python benchmarks/train_step.py                # default fixed small config, ~5 min on 2 cores
-    python benchmarks/train_step.py --quick        # ~1 min smoke run (1 repeat, N=20 only)
+    python benchmarks/train_step.py                # default fixed small config, ~4-5 min on 2 cores
+    python benchmarks/train_step.py --quick        # ~1 min smoke run (1 repeat, fewer configs)
     python benchmarks/train_step.py --json out.json
 
 What it measures (numbers depend on the machine; this is not a test):
@@ -15,11 +15,13 @@ What it measures (numbers depend on the machine; this is not a test):
   3. achieved FLOP/s over this machine's dense 1024^3 matmul FLOP/s measured in the same run,
      from analytic FLOPs (clara_jax.model.flops; see `step_flops` for what is counted).
 
-Timing: each step is compiled and warmed up, then the minimum over `--repeats` steps is taken
-(other processes may share the 2 cores; the minimum is the least disturbed figure). The state is
-donated, so every timed call feeds the previous step's state back in. Batches are placed on
-their shardings beforehand: host->device transfer is not timed, and implicit transfers during
-the timed steps are forbidden (`jax.transfer_guard`), so a host sync or resharding shows up as a
+Timing: every configuration is compiled and warmed up first, then all are timed round-robin
+(one step of each in turn, `--repeats` rounds) and the minimum per configuration is reported:
+other processes may share the 2 cores, the minimum is the least disturbed figure, and the
+round-robin exposes every configuration to the same disturbances, which keeps ratios fair.
+The state is donated, so every timed call feeds the previous step's state back in. Batches are
+placed on their shardings beforehand: host->device transfer is not timed, and implicit transfers
+during the timed steps are forbidden (`jax.transfer_guard`), so a host sync or resharding shows up as a
 finding instead of as noise.
 
 The 8 "devices" are XLA host-platform devices simulated on the same CPU cores
@@ -52,7 +54,7 @@ from flax import nnx  # noqa: E402
 
 from clara_jax.model.clara import ROLES, ClaraConfig  # noqa: E402
 from clara_jax.model.config import DecoderConfig, tiny_config  # noqa: E402
-from clara_jax.model.decoder import Decoder  # noqa: E402
+from clara_jax.model.decoder import Decoder, DTypePolicy  # noqa: E402
 from clara_jax.model.flops import forward_flops, lora_train_flops  # noqa: E402
 from clara_jax.model.lora import LoRAConfig  # noqa: E402
 from clara_jax.model.vocab import extend_vocabulary  # noqa: E402
@@ -62,6 +64,18 @@ from clara_jax.training.stages import build_stage_trainer, stage_spec  # noqa: E
 
 BOS, EOS = 1, 2
 EXTRA_TOKENS = 3  # <AE>, <ENC>, <SEP> after the n_mem <MEM*> tokens
+FLAG_HELP = {
+    "vocab": "base vocabulary; the n_mem + 3 CLaRa tokens are added on top",
+    "dropout": "LoRA dropout of every adapter",
+    "doc_len": "<ENC><s>text</s> tokens per document row; n_mem = doc_len // compression_rate follow",
+    "query_len": "<ENC><s>question</s> tokens per stage-3 query row (n_mem follow)",
+    "prompt_len": "generator prompt tokens besides the k <MEM*><SEP> blocks",
+    "answer_len": "generator target tokens (answer + </s>)",
+    "micro_batch": "questions per micro-batch",
+    "micro_steps": "micro-batches accumulated per step",
+    "top_k": "documents per question in stages 2 and 3",
+    "dtype": "decoder dtype policy (float32, bfloat16, p=float32,c=bfloat16)",
+}
 
 
 # --------------------------------------------------------------------------- configuration
@@ -308,87 +322,105 @@ def matmul_flops_per_s(n: int, dtype, repeats: int) -> tuple[float, float]:
     return 2 * n**3 / best, cores
 
 
-def time_trainer(b: Bench, stage: str, mesh, *, k: int, n: int = 0, cached: bool = False, repeats: int):
-    """Build the stage's trainer on `mesh`, compile ahead of time (memory, collectives), run a
-    first and a warm-up step, then time `repeats` steps under a transfer guard."""
-    clara = b.clara_config(k)
-    spec = stage_spec(stage, docs_per_example=k if stage != "stage3" else 1)
-    batch = step_batch(b, stage, k=k, n=n, cached=cached)
-    findings = []
-    trainer = build_stage_trainer(
-        build_model(b),
-        spec,
-        clara,
-        OptimizerConfig(learning_rate=1e-4, total_steps=1000),
-        mesh,
-        batch,
-    )
-    batch = jax.device_put(batch, trainer.shardings.batch)
-    state, frozen = trainer.state, trainer.frozen
+class Run:
+    """One configuration, compiled and warmed up, that can take timed steps one at a time.
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        t0 = time.perf_counter()
-        compiled = trainer.step.lower(state, frozen, batch).compile()  # shares the jit's cache
-        compile_s = time.perf_counter() - t0
-        mem = compiled.memory_analysis()
-        collectives = len(COLLECTIVE.findall(compiled.as_text()))
-        n_compiles = len(BACKEND_COMPILES)
-        for _ in range(2):  # first step, then a warm-up step
-            state, metrics = trainer.step(state, frozen, batch)
-            jax.block_until_ready((state, metrics))
-    findings += [f"warning on first steps: {w.category.__name__}: {w.message}" for w in caught]
-    if len(BACKEND_COMPILES) != n_compiles:
-        findings.append("the first call compiled again after the ahead-of-time compile")
-    if mem is not None and mem.alias_size_in_bytes < 0.9 * mem.output_size_in_bytes:
-        findings.append(
-            f"donation: only {mem.alias_size_in_bytes} of {mem.output_size_in_bytes} output bytes alias inputs"
+    Runs are timed round-robin (one step of each in turn), so a neighbour process that
+    steals a core for a while slows every configuration alike and the ratios stay fair.
+    """
+
+    def __init__(self, b: Bench, stage: str, mesh, *, k: int, n: int = 0, cached: bool = False):
+        self.row = {
+            "stage": stage,
+            "mesh": describe(mesh),
+            "devices": int(mesh.devices.size),
+            "k": k,
+            "n_candidates": n,
+            "candidates": ("cached" if cached else "recompressed") if stage == "stage3" else None,
+            "findings": [],
+        }
+        spec = stage_spec(stage, docs_per_example=k if stage != "stage3" else 1)
+        batch = step_batch(b, stage, k=k, n=n, cached=cached)
+        trainer = build_stage_trainer(
+            build_model(b),
+            spec,
+            b.clara_config(k),
+            OptimizerConfig(learning_rate=1e-4, total_steps=1000),
+            mesh,
+            batch,
         )
-    loss0 = float(metrics["loss"])
+        self.step, self.frozen = trainer.step, trainer.frozen
+        self.batch = jax.device_put(batch, trainer.shardings.batch)
+        self.state = trainer.state
+        self.times, self.cpu, self.guarded = [], [], True
 
-    def timed_steps(state):
-        times, cpu = [], []
-        for _ in range(repeats):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t0 = time.perf_counter()
+            compiled = self.step.lower(self.state, self.frozen, self.batch).compile()  # shares the jit cache
+            self.row["compile_s"] = time.perf_counter() - t0
+            mem = compiled.memory_analysis()
+            self.row["collectives_in_program"] = len(COLLECTIVE.findall(compiled.as_text()))
+            n_compiles = len(BACKEND_COMPILES)
+            for _ in range(2):  # first step, then a warm-up step
+                metrics = self._call()
+        self.row["findings"] += [
+            f"warning on first steps: {w.category.__name__}: {w.message}" for w in caught
+        ]
+        if len(BACKEND_COMPILES) != n_compiles:
+            self.finding("the first call compiled again after the ahead-of-time compile")
+        if mem is not None and mem.alias_size_in_bytes < 0.9 * mem.output_size_in_bytes:
+            self.finding(
+                f"donation: {mem.alias_size_in_bytes} of {mem.output_size_in_bytes} output bytes aliased"
+            )
+        self.row["temp_bytes_per_device"] = None if mem is None else mem.temp_size_in_bytes
+        self.row["argument_bytes_per_device"] = None if mem is None else mem.argument_size_in_bytes
+        self.row["loss_first"] = float(metrics["loss"])
+
+    def finding(self, text: str) -> None:
+        self.row["findings"].append(text)
+
+    def _call(self):
+        self.state, metrics = self.step(self.state, self.frozen, self.batch)  # state is donated
+        jax.block_until_ready((self.state, metrics))
+        return metrics
+
+    def timed_step(self) -> None:
+        """One step under a transfer guard (an implicit host transfer or resharding raises)."""
+        n_compiles = len(BACKEND_COMPILES)
+        try:
+            with Clock() as clock, jax.transfer_guard("disallow" if self.guarded else "allow"):
+                self.metrics = self._call()
+        except Exception as e:  # report it once, then time without the guard
+            self.finding(f"implicit transfer during a step ({type(e).__name__}: {str(e).splitlines()[0]})")
+            self.guarded = False
             with Clock() as clock:
-                state, metrics = trainer.step(state, frozen, batch)
-                jax.block_until_ready((state, metrics))
-            times.append(clock.wall)
-            cpu.append(clock.cpu)
-        return state, metrics, times, cpu
+                self.metrics = self._call()
+        if len(BACKEND_COMPILES) != n_compiles:
+            self.finding(f"{len(BACKEND_COMPILES) - n_compiles} compilation(s) during a timed step")
+        self.times.append(clock.wall)
+        self.cpu.append(clock.cpu)
 
-    n_compiles = len(BACKEND_COMPILES)
-    try:
-        with jax.transfer_guard("disallow"):
-            state, metrics, times, cpu = timed_steps(state)
-    except Exception as e:  # an implicit transfer inside the step: report it, time without the guard
-        findings.append(f"implicit transfer during a step ({type(e).__name__}: {str(e).splitlines()[0]})")
-        state, metrics, times, cpu = timed_steps(state)
-    if len(BACKEND_COMPILES) != n_compiles:
-        findings.append(f"{len(BACKEND_COMPILES) - n_compiles} compilation(s) during the timed steps")
-    loss = float(metrics["loss"])
-    if not np.isfinite(loss):
-        findings.append(f"non-finite loss {loss}")
-    best = int(np.argmin(times))
-    return {
-        "stage": stage,
-        "mesh": describe(mesh),
-        "devices": int(mesh.devices.size),
-        "k": k,
-        "n_candidates": n,
-        "candidates": ("cached" if cached else "recompressed") if stage == "stage3" else None,
-        "compile_s": compile_s,
-        "step_s_min": times[best],
-        "step_s_median": statistics.median(times),
-        "step_s_all": times,
-        "cores_busy": cpu[best] / times[best],
-        "repeats": repeats,
-        "temp_bytes_per_device": None if mem is None else mem.temp_size_in_bytes,
-        "argument_bytes_per_device": None if mem is None else mem.argument_size_in_bytes,
-        "collectives_in_program": collectives,
-        "loss_first": loss0,
-        "loss_last": loss,
-        "findings": findings,
-    }
+    def result(self) -> dict:
+        best = int(np.argmin(self.times))
+        loss = float(self.metrics["loss"])
+        if not np.isfinite(loss):
+            self.finding(f"non-finite loss {loss}")
+        self.row.update(
+            step_s_min=self.times[best],
+            step_s_median=statistics.median(self.times),
+            step_s_all=self.times,
+            cores_busy=self.cpu[best] / self.times[best],
+            repeats=len(self.times),
+            loss_last=loss,
+        )
+        return self.row
+
+
+def time_round_robin(runs: list[Run], repeats: int) -> None:
+    for _ in range(repeats):
+        for run in runs:
+            run.timed_step()
 
 
 def add_throughput(row: dict, b: Bench, cfg: DecoderConfig, peak: float) -> dict:
@@ -508,14 +540,18 @@ def main():
             f"--{field.name.replace('_', '-')}",
             type=type(getattr(d, field.name)),
             default=getattr(d, field.name),
-            help=f"(default {getattr(d, field.name)})",
+            help=f"{FLAG_HELP.get(field.name, '')} (default {getattr(d, field.name)})".strip(),
         )
     parser.add_argument("--stage3-n", type=int, default=20, help="candidates per question in table 1")
     parser.add_argument("--n-sweep", default="20,50,100", help="candidate counts of table 2")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per configuration (min taken)")
     parser.add_argument("--mesh", default="data=2,fsdp=2,tensor=2", help="the multi-device mesh of table 1")
     parser.add_argument("--no-multi", action="store_true", help="skip the multi-device mesh")
-    parser.add_argument("--quick", action="store_true", help="~1 min smoke run: 1 repeat, N sweep 20 only")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="~1 min smoke run: 1 repeat, no N sweep, only stage1 on the multi-device mesh",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     args = parser.parse_args()
     b = Bench(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Bench)})
@@ -530,7 +566,7 @@ def main():
         multi_cfg = MeshConfig.from_spec(args.mesh)
         n_multi = int(np.prod([s for _, s in multi_cfg.axes]))
         meshes.append(make_mesh(multi_cfg, devices=jax.devices()[:n_multi]))
-    peak, peak_cores = matmul_flops_per_s(1024, jnp.dtype(b.dtype), repeats=10)
+    peak, peak_cores = matmul_flops_per_s(1024, DTypePolicy.parse(b.dtype).compute, repeats=10)
 
     print(
         f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} devices, {os.cpu_count()} CPU cores"
@@ -546,33 +582,37 @@ def main():
         f"{b.micro_steps} micro-steps x {b.micro_batch} questions per step"
     )
     print(
-        f"timing: min over {repeats} step(s) after compile + first + warm-up step; other processes may "
-        "share the cores,\n        so the minimum (the least disturbed step) is reported"
+        f"timing: min over {repeats} step(s), configurations timed round-robin after compile + first + "
+        "warm-up step;\n        other processes may share the cores, so the minimum (least disturbed) step is reported"
     )
 
-    results = {"stages": [], "stage3_candidates": []}
+    stage_runs, cand_runs = [], []
+    stages = (("stage1", 1, 0), ("stage2", b.top_k, 0), ("stage3", b.top_k, args.stage3_n))
     for mesh in meshes:
-        for stage, k, n in (("stage1", 1, 0), ("stage2", b.top_k, 0), ("stage3", b.top_k, args.stage3_n)):
-            row = add_throughput(time_trainer(b, stage, mesh, k=k, n=n, repeats=repeats), b, cfg, peak)
-            results["stages"].append(row)
-            print(f"  {_label(row)} on {row['devices']} dev: {row['step_s_min'] * 1e3:.1f} ms", flush=True)
+        for stage, k, n in stages[:1] if args.quick and mesh is not one else stages:
+            stage_runs.append(Run(b, stage, mesh, k=k, n=n))
+            print(f"  compiled {_label(stage_runs[-1].row)} on {mesh.devices.size} dev", flush=True)
     for n in sweep:
         for cached in (True, False):
-            reuse = [
-                r
-                for r in results["stages"]
-                if r["stage"] == "stage3" and r["devices"] == 1 and r["n_candidates"] == n and not cached
-            ]
-            if reuse:
-                row = reuse[0]
-            else:
-                row = time_trainer(b, "stage3", one, k=b.top_k, n=n, cached=cached, repeats=repeats)
-                row = add_throughput(row, b, cfg, peak)
-                print(f"  {_label(row)} on 1 dev: {row['step_s_min'] * 1e3:.1f} ms", flush=True)
-            results["stage3_candidates"].append(row)
+            if not cached and n == args.stage3_n:
+                cand_runs.append(stage_runs[2])  # the 1-device stage-3 run of table 1
+                continue
+            cand_runs.append(Run(b, "stage3", one, k=b.top_k, n=n, cached=cached))
+            print(f"  compiled {_label(cand_runs[-1].row)} on 1 dev", flush=True)
+    runs = stage_runs + [r for r in cand_runs if r not in stage_runs]
+    print(f"  timing {len(runs)} configurations round-robin, {repeats} step(s) each", flush=True)
+    time_round_robin(runs, repeats)
+    results = {
+        "stages": [add_throughput(r.result(), b, cfg, peak) for r in stage_runs],
+        "stage3_candidates": [r.row for r in cand_runs],
+    }
+    for r in runs:
+        if r not in stage_runs:
+            add_throughput(r.result(), b, cfg, peak)
+
     # Measured again at the end, the best of both: a busy neighbour at the start should not
     # inflate every utilisation figure.
-    peak_end, cores_end = matmul_flops_per_s(1024, jnp.dtype(b.dtype), repeats=10)
+    peak_end, cores_end = matmul_flops_per_s(1024, DTypePolicy.parse(b.dtype).compute, repeats=10)
     if peak_end > peak:
         peak, peak_cores = peak_end, cores_end
         for r in results["stages"] + results["stage3_candidates"]:

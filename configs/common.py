@@ -95,6 +95,7 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
 
     c.log_every = 10
     c.plot = True
+    c.peak_flops = 0.0  # per-device peak FLOP/s for the utilisation estimate (0: measure a matmul at start)
     return c
 
 

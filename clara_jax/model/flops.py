@@ -32,10 +32,30 @@ def forward_flops(
     return float(per_token * batch * seq)
 
 
-def lora_train_flops(cfg: DecoderConfig, batch: int, seq: int, *, lora_rank: int) -> float:
+def lora_train_flops(
+    cfg: DecoderConfig, batch: int, seq: int, *, lora_rank: int, logits: bool = True
+) -> float:
     """Forward + backward with a frozen base: activation gradients cost one more forward, and
     only the adapters' weight gradients are added (no base weight gradients)."""
-    fwd = forward_flops(cfg, batch, seq, lora_rank=lora_rank)
+    fwd = forward_flops(cfg, batch, seq, lora_rank=lora_rank, logits=logits)
     shapes = projection_shapes(cfg)
     lora_weight_grads = 2 * cfg.num_layers * lora_rank * sum(a + b for a, b in shapes.values()) * batch * seq
     return 2 * fwd + float(lora_weight_grads)
+
+
+def measured_matmul_flops(n: int = 1024, dtype="float32", repeats: int = 5) -> float:
+    """This device's dense-matmul FLOP/s, measured: the denominator of a utilisation estimate
+    when the hardware's peak is not known (CPUs, unlisted accelerators)."""
+    import time
+
+    import jax
+
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    mm = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(mm(a))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(mm(a))
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best

@@ -155,10 +155,7 @@ def init_from_previous_stage(built: BuiltModel, config, workdir: str) -> dict:
     if "embed_rows" in params:
         built.model.embed_rows.set_value(params["embed_rows"][...])
     if config.stage == "stage3":  # the query reasoner starts from the trained compressor
-        copy = jax.tree.map(lambda x: x.copy(), nnx.state(built.model.adapters[COMPRESSOR]))  # own buffers:
-        nnx.update(
-            built.model.adapters[QUERY_REASONER], copy
-        )  # the trainable copy is donated, the original is not
+        nnx.update(built.model.adapters[QUERY_REASONER], nnx.state(built.model.adapters[COMPRESSOR]))
     log.info(
         "initialised %s from %s step %d: %s%s",
         config.stage,

@@ -20,7 +20,7 @@ import ml_collections
 
 from clara_jax.data.pipeline import BatchIterator, LayoutConfig, process_local
 from clara_jax.data.sources import read_records
-from clara_jax.model.flops import forward_flops, lora_train_flops
+from clara_jax.model.flops import forward_flops, lora_train_flops, measured_matmul_flops
 from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh
 from clara_jax.training.build import build_model, init_from_previous_stage, optimizer_config
 from clara_jax.training.checkpoint import Checkpointer, abstract_like
@@ -86,19 +86,18 @@ def layout_config(config) -> LayoutConfig:
 
 
 def step_flops(cfg, stage: str, batch: dict, rank: int) -> float:
-    """Analytic FLOPs of one optimizer step (what the model computes, padding included)."""
-    total = 0.0
-    enc = batch["enc_ids"].shape
-    gen = batch["gen_ids"].shape
-    micro = enc[0]
+    """Analytic FLOPs of one optimizer step (what the model computes, padding included):
+    the compressor (trained in stages 1/2, forward only in stage 3), the query reasoner
+    (stage 3) and the generator; none of the encoders computes logits."""
+    micro, enc_rows, enc_len = batch["enc_ids"].shape
+    _, gen_rows, gen_len = batch["gen_ids"].shape
     if stage == "stage3":
-        total += micro * forward_flops(cfg, enc[1], enc[2], lora_rank=rank, logits=False)
-        q = batch["query_ids"].shape
-        total += micro * lora_train_flops(cfg, q[1], q[2], lora_rank=rank) * 0.5  # no logits, ~half
+        _, q_rows, q_len = batch["query_ids"].shape
+        encoders = forward_flops(cfg, enc_rows, enc_len, lora_rank=rank, logits=False)
+        encoders += lora_train_flops(cfg, q_rows, q_len, lora_rank=rank, logits=False)
     else:
-        total += micro * lora_train_flops(cfg, enc[1], enc[2], lora_rank=rank) * 0.5
-    total += micro * lora_train_flops(cfg, gen[1], gen[2], lora_rank=rank)
-    return total
+        encoders = lora_train_flops(cfg, enc_rows, enc_len, lora_rank=rank, logits=False)
+    return micro * (encoders + lora_train_flops(cfg, gen_rows, gen_len, lora_rank=rank))
 
 
 def _finite(metrics: dict) -> bool:
@@ -185,6 +184,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
 
     from tqdm.auto import tqdm
 
+    # FLOP utilisation is reported against the devices' peak: given, or measured here once.
+    peak_flops = (config.peak_flops or measured_matmul_flops()) * jax.device_count()
+
     bar = tqdm(
         total=total_steps,
         initial=start_step,
@@ -212,6 +214,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
             )
         metrics["tokens_per_s"] = tokens / seconds
         metrics["flops_per_s"] = flops / seconds
+        metrics["utilisation"] = metrics["flops_per_s"] / peak_flops
         final_metrics = metrics
         if done_step % config.log_every == 0 or done_step == total_steps:
             writer.write(done_step, metrics)
@@ -222,7 +225,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
             gflops=f"{metrics['flops_per_s'] / 1e9:.1f}",
         )
 
-    with mesh, _StopFlag() as stop:
+    with jax.set_mesh(mesh), _StopFlag() as stop:
         try:
             tick = time.perf_counter()
             while step < total_steps:
@@ -258,21 +261,22 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
             writer.close()
 
     plots = plot_history(workdir) if (is_main and config.plot and not preempted) else []
+    trainer.state = state
+    if is_main and not preempted and step >= total_steps:  # the finished model, for inference and export
+        from clara_jax.inference.model_dir import save_clara_model
+
+        save_clara_model(
+            trainer.model(),
+            built.tokenizer,
+            built.clara,
+            os.path.join(workdir, "model"),
+            base_path=os.path.abspath(config.model.path) if config.model.path else "",
+            run_config=config.to_dict(),
+        )
     if batches.stats.docs_truncated:
         log.info(
             "documents truncated to doc_max_length: %d of %d",
             batches.stats.docs_truncated,
             batches.stats.docs,
         )
-    trainer.state = state
-    _LAST_TRAINER[workdir] = trainer
     return RunSummary(workdir, stage, start_step, step, preempted, final_metrics, plots)
-
-
-# The last trainer of each workdir in this process, for callers that evaluate right after training.
-_LAST_TRAINER: dict = {}
-
-
-def trained_model(workdir: str):
-    trainer = _LAST_TRAINER[os.path.abspath(workdir)]
-    return trainer.model()

@@ -95,6 +95,9 @@ def build_stage_trainer(
     `example_batch` only provides shapes ([micro_steps, batch, ...] per leaf).
     """
     graphdef, trainable, frozen = split_trainable(model, spec.adapters, spec.train_mem_rows)
+    # The state is donated to every step: give it buffers of its own, so neither the caller's model
+    # nor a frozen leaf that shares an array with a trainable one (a copied adapter) is invalidated.
+    trainable = jax.tree.map(lambda x: x.copy(), trainable)
     tx = make_optimizer(optim)
     schedule = learning_rate_schedule(optim)
     state = TrainState.create(trainable, tx, jax.random.key(seed))

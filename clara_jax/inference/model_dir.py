@@ -1,0 +1,168 @@
+"""A trained CLaRa model as a directory: what inference, export and serving load.
+
+    WORKDIR/model/
+      clara.json              method settings + where the base weights are + run config
+      adapters.safetensors    every adapter's LoRA factors ("{role}/{projection}/{a|b}", stacked over layers)
+      embed_rows.safetensors  the trained <MEM*> embedding rows
+      base/                   the base decoder, only when it is not a directory the run read from
+      tokenizer.json …        the tokenizer with the CLaRa tokens
+
+The base weights are referenced, not copied, when the run read them from a local directory
+(a 7B base is 14 GB); `load_clara_model` checks the base still matches the saved shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clara_jax.data.tokenizer import load_tokenizer
+from clara_jax.inference.clara_model import ClaraInference
+from clara_jax.interop.hf import load_decoder, save_decoder
+from clara_jax.interop.safetensors_io import SafetensorsFile
+from clara_jax.model.clara import ClaraConfig
+from clara_jax.model.decoder import Decoder
+from clara_jax.model.lora import LoRAConfig
+from clara_jax.model.vocab import extend_vocabulary
+
+FORMAT_VERSION = 1
+
+
+def save_clara_model(
+    model: Decoder,
+    tokenizer,
+    clara: ClaraConfig,
+    out_dir: str,
+    *,
+    base_path: str = "",
+    run_config: dict | None = None,
+) -> str:
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    factors, lora_configs = {}, {}
+    for role, adapter in model.adapters.items():
+        lora_configs[role] = {
+            "rank": adapter.lora_config.rank,
+            "alpha": adapter.lora_config.alpha,
+            "dropout": adapter.lora_config.dropout,
+            "target_modules": adapter.lora_config.target_modules,
+        }
+        for target, f in adapter.factors.items():
+            factors[f"{role}/{target}/a"] = np.asarray(f["a"][...], np.float32)
+            factors[f"{role}/{target}/b"] = np.asarray(f["b"][...], np.float32)
+    save_file(factors, os.path.join(out_dir, "adapters.safetensors"))
+    first_new = tokenizer.base_vocab_size  # rows the vocabulary extension added (never in a base checkpoint)
+    rows = {
+        "rows": np.asarray(model.embed_rows[...], np.float32),
+        "token_ids": np.asarray(model.trainable_token_ids, np.int64),
+        "added_embed": np.asarray(model.merged_embedding()[first_new:], np.float32),
+    }
+    if model.lm_head is not None:
+        rows["added_lm_head"] = np.asarray(model.lm_head[...][first_new:], np.float32)
+    save_file(rows, os.path.join(out_dir, "embed_rows.safetensors"))
+    if not base_path:
+        base_path = "base"
+        save_decoder(model, os.path.join(out_dir, "base"))
+    tokenizer.hf.save_pretrained(out_dir)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "base": base_path,
+        "vocab_size": model.config.vocab_size,
+        "base_vocab_size": tokenizer.base_vocab_size,
+        "dtype": str(model.policy.compute),
+        "clara": {
+            "doc_max_length": clara.doc_max_length,
+            "compression_rate": clara.compression_rate,
+            "mem_token_ids": list(clara.mem_token_ids),
+            "mse_weight": clara.mse_weight,
+            "top_k": clara.top_k,
+            "temperature": clara.temperature,
+            "topk_mask_mode": clara.topk_mask_mode,
+        },
+        "adapters": lora_configs,
+        "run_config": run_config or {},
+    }
+    tmp = os.path.join(out_dir, "clara.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "clara.json"))  # written last: its presence means complete
+    return out_dir
+
+
+def load_clara_model(model_dir: str, *, dtype: str | None = None):
+    """(tokenizer, Decoder with all adapters and rows, ClaraConfig) from a saved model directory."""
+    meta_path = os.path.join(model_dir, "clara.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(
+            f"{meta_path}: not a clara-jax model directory (no clara.json; was the run finished?)"
+        )
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    c = meta["clara"]
+    n_mem = c["doc_max_length"] // c["compression_rate"]
+    tok = load_tokenizer(model_dir, n_mem=n_mem)
+    if list(tok.mem_token_ids) != c["mem_token_ids"]:
+        raise ValueError(
+            f"{model_dir}: tokenizer memory-token ids {tok.mem_token_ids} differ from the saved "
+            f"{c['mem_token_ids']}"
+        )
+    base = meta["base"] if os.path.isabs(meta["base"]) else os.path.join(model_dir, meta["base"])
+    model = load_decoder(base, dtype=dtype or meta.get("dtype", "float32"))
+    rows = SafetensorsFile(os.path.join(model_dir, "embed_rows.safetensors"))
+    first_new = meta["base_vocab_size"]
+    if model.config.vocab_size == first_new:  # a referenced base without the CLaRa rows: add the saved ones
+        extend_vocabulary(model, meta["vocab_size"], key=jax.random.key(0))
+        model.embed.set_value(
+            model.embed[...].at[first_new:].set(jnp.asarray(np.asarray(rows.get("added_embed"))))
+        )
+        if model.lm_head is not None:
+            added = jnp.asarray(np.asarray(rows.get("added_lm_head")))
+            model.lm_head.set_value(model.lm_head[...].at[first_new:].set(added))
+    if model.config.vocab_size != meta["vocab_size"]:
+        raise ValueError(
+            f"{base}: vocabulary of {model.config.vocab_size} rows, the model was trained with "
+            f"{meta['vocab_size']}"
+        )
+    token_ids = [int(t) for t in rows.get("token_ids")]
+    model.set_trainable_rows(token_ids)
+    model.embed_rows.set_value(jnp.asarray(np.asarray(rows.get("rows"))))
+    factors = SafetensorsFile(os.path.join(model_dir, "adapters.safetensors"))
+    for role, cfg in meta["adapters"].items():
+        targets = cfg["target_modules"]
+        model.add_adapter(
+            role,
+            LoRAConfig(
+                rank=cfg["rank"],
+                alpha=cfg["alpha"],
+                dropout=cfg["dropout"],
+                target_modules=targets if isinstance(targets, str) else tuple(targets),
+            ),
+            rngs=nnx.Rngs(0),
+        )
+        for target, f in model.adapters[role].factors.items():
+            f["a"].set_value(jnp.asarray(np.asarray(factors.get(f"{role}/{target}/a"))))
+            f["b"].set_value(jnp.asarray(np.asarray(factors.get(f"{role}/{target}/b"))))
+    clara = ClaraConfig(
+        mem_token_ids=tuple(c["mem_token_ids"]),
+        doc_max_length=c["doc_max_length"],
+        compression_rate=c["compression_rate"],
+        mse_weight=c["mse_weight"],
+        top_k=c["top_k"],
+        temperature=c["temperature"],
+        topk_mask_mode=c["topk_mask_mode"],
+    )
+    return tok, model, clara
+
+
+def load_inference(model_dir: str, **kw) -> ClaraInference:
+    """A ready `ClaraInference` (the official-style API) from a saved model directory."""
+    tok, model, clara = load_clara_model(model_dir)
+    return ClaraInference(tok, model, clara, **kw)

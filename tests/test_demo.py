@@ -1,0 +1,27 @@
+"""The embedded default end to end at a tiny scale: corpus, base, stages 1->2->3, evaluation."""
+
+import json
+
+import numpy as np
+
+from clara_jax.demo import format_results, run_demo
+
+
+def test_demo_runs_all_stages_and_reports(tmp_path):
+    lines = []
+    result = run_demo(str(tmp_path), scale=0.02, n_eval=8, log=lines.append)
+    for stage in ("stage1", "stage2", "stage3"):
+        rows = [json.loads(x) for x in open(tmp_path / stage / "metrics.jsonl")]
+        assert rows and all(np.isfinite(r["train/loss"]) for r in rows)
+        assert (tmp_path / stage / "loss.png").exists()
+    assert (tmp_path / "base" / "model.safetensors").exists()
+    saved = json.load(open(tmp_path / "demo_results.json"))
+    for when in ("before", "after_stage2", "after"):
+        for key in ("recall@1", "recall@5", "em", "f1", "acc"):
+            assert 0.0 <= saved[when][key] <= 1.0
+    assert saved["chance"]["recall@5"] == 5 / 20 and set(saved["after_stage2"]) == set(saved["after"])
+    table = format_results(result)
+    assert "Recall@1" in table and "answer EM" in table and "chance" in table
+    # stage 3 started from stage 2, which started from stage 1
+    meta3 = json.load(open(tmp_path / "stage3" / "config.json"))
+    assert meta3["init_from"].endswith("stage2")
