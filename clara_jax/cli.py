@@ -73,6 +73,38 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """Per-dataset EM / F1 / Cover-EM (and Recall@k when reranking) of a trained model."""
+    import json
+    import logging
+    import os
+
+    from clara_jax.data.records import RecordError
+    from clara_jax.inference.evaluate import evaluate_file
+    from clara_jax.inference.metrics import format_table
+    from clara_jax.inference.model_dir import load_inference
+
+    _configure_logging(logging)
+    try:
+        clara = load_inference(args.model, batch_size=args.batch_size)
+        results = {}
+        for path in args.data:
+            name = os.path.splitext(os.path.basename(path))[0]
+            results[name] = evaluate_file(
+                clara, path, mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens, limit=args.limit
+            )["scores"]
+    except (RecordError, FileNotFoundError, ValueError) as err:
+        print(f"clara-jax eval: error: {err}", file=sys.stderr)
+        return 2
+    columns = sorted({key for scores in results.values() for key in scores})
+    print(format_table(results, columns, scale=100, digits=2, mean_row="mean" if len(results) > 1 else None))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clara-jax",
@@ -115,6 +147,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and plots")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in log files)")
     train.set_defaults(func=_train, takes_overrides=True)
+
+    ev = sub.add_parser(
+        "eval",
+        help="score a trained model on evaluation files (official EM / F1 / Cover-EM / Recall@k)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score WORKDIR/model on one or more evaluation files in the official formats\n"
+        "({question, docs, golden_answers|answer, pos_index?}). Metrics follow the official evaluate.py:\n"
+        "the first gold answer, SQuAD normalisation, F1 with the yes/no guard, Cover-EM, and Recall@k\n"
+        "averaged over all questions. Prints a per-dataset table (percentages).\n\n"
+        "  clara-jax eval --model runs/s3/model --data eval/musique.jsonl eval/hotpotqa.jsonl --json scores.json",
+    )
+    ev.add_argument("--model", required=True, help="a model directory (a run's WORKDIR/model)")
+    ev.add_argument("--data", nargs="+", required=True, help="evaluation files (.jsonl/.json/.parquet)")
+    ev.add_argument(
+        "--mode",
+        choices=("rerank", "given"),
+        default="rerank",
+        help="rerank: the query reasoner picks the top-k of all candidates (stage-3 evaluation); "
+        "given: answer from docs[:k] in file order (compressor evaluation)",
+    )
+    ev.add_argument("-k", type=int, default=5, help="documents the generator reads (default 5)")
+    ev.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
+    ev.add_argument("--limit", type=int, default=0, help="score only the first N questions of each file")
+    ev.add_argument("--batch-size", type=int, default=8, help="questions per batch (default 8)")
+    ev.add_argument("--json", default="", help="also write the scores to this JSON file")
+    ev.set_defaults(func=_eval)
+
+    from clara_jax.inference.export import add_export_parser
+    from clara_jax.inference.index import add_search_parser
+
+    add_export_parser(sub)
+    add_search_parser(sub)
 
     plot = sub.add_parser("plot", help="(re)draw the PNG plots of a workdir's metrics.jsonl")
     plot.add_argument("--workdir", required=True)

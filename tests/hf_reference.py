@@ -55,7 +55,28 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1e4)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, rope_theta=1e4)),
     "tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, num_key_value_heads=1)),
+    # Phi-4-mini's shape in miniature: fused qkv/gate_up, half of each 16-dim head rotated,
+    # LongRoPE (attention factor from 256/64), a sliding window, tied embeddings.
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            rope_scaling={
+                "rope_type": "longrope",
+                "rope_theta": 1e4,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.3, 2.1, 3.7],
+                "long_factor": [1.1, 2.9, 7.5, 19.0],
+            },
+            original_max_position_embeddings=64,
+            sliding_window=11,
+            tie_word_embeddings=True,
+            pad_token_id=None,
+        ),
+    ),
 }
+# Families whose HF projections are fused (PEFT targets qkv_proj/gate_up_proj, not q_proj/...).
+FUSED_FAMILIES = ("phi3",)
 
 
 def build_family(name: str, seed: int = 0):

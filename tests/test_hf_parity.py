@@ -56,6 +56,11 @@ def test_greedy_generation_matches(family):
 def test_lora_adapter_matches_peft(family, tmp_path):
     """A PEFT adapter with perturbed (non-zero) factors, loaded by us, gives PEFT's logits and text."""
     name, path, torch_model = family
+    if name in ref.FUSED_FAMILIES:
+        pytest.skip(
+            f"{name}: HF fuses q/k/v and gate/up (PEFT targets qkv_proj/gate_up_proj, which we do not "
+            "map); tests/test_phi3.py checks LoRA on the unfused o_proj/down_proj"
+        )
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora_cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
     base = ref.build_family(name)  # a fresh copy: peft mutates the module it wraps

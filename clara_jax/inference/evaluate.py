@@ -32,3 +32,40 @@ def evaluate_retrieval_qa(
     scores = retrieval_scores(topk.tolist(), [list(r.pos_index) for r in records], ks=ks)
     scores.update(qa_scores(answers, [list(r.answers) for r in records]))
     return {"scores": scores, "answers": answers, "topk": topk}
+
+
+def evaluate_given_documents(
+    clara: ClaraInference, records: Sequence, *, k: int = 5, max_new_tokens: int = 128
+) -> dict:
+    """The official compressor evaluation (stages 1-2): answer from `docs[:k]` in file order."""
+    usable = [r for r in records if len(r.docs) >= k]
+    if len(usable) != len(records):
+        raise ValueError(f"{len(records) - len(usable)} records have fewer than k={k} documents")
+    answers = clara.generate_from_text(
+        [r.question for r in records], [list(r.docs[:k]) for r in records], max_new_tokens=max_new_tokens
+    )
+    return {"scores": qa_scores(answers, [list(r.answers) for r in records]), "answers": answers}
+
+
+def evaluate_file(
+    clara: ClaraInference,
+    path: str,
+    *,
+    mode: str = "rerank",
+    k: int = 5,
+    max_new_tokens: int = 64,
+    limit: int | None = None,
+    policy: str = "error",
+) -> dict:
+    """Scores of one evaluation file (official formats, with or without `pos_index`)."""
+    from clara_jax.data.sources import read_records
+
+    records, _ = read_records(path, "eval", policy=policy, min_docs=k)
+    records = records[:limit] if limit else records
+    if mode == "rerank":
+        return evaluate_retrieval_qa(
+            clara, records, k=k, max_new_tokens=max_new_tokens, ks=tuple(sorted({1, min(3, k), k}))
+        )
+    if mode == "given":
+        return evaluate_given_documents(clara, records, k=k, max_new_tokens=max_new_tokens)
+    raise ValueError(f"mode={mode!r}: expected 'rerank' (stage-3 evaluation) or 'given' (docs[:k] in order)")

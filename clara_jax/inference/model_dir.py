@@ -163,6 +163,12 @@ def load_clara_model(model_dir: str, *, dtype: str | None = None):
 
 
 def load_inference(model_dir: str, **kw) -> ClaraInference:
-    """A ready `ClaraInference` (the official-style API) from a saved model directory."""
+    """A ready `ClaraInference` (the official-style API) from a saved model directory, with the
+    query length and padding bucket the model was trained with (unless overridden in `kw`)."""
     tok, model, clara = load_clara_model(model_dir)
+    with open(os.path.join(model_dir, "clara.json")) as f:
+        run = json.load(f).get("run_config") or {}
+    if run:
+        kw.setdefault("query_max_length", run["clara"]["query_max_length"])
+        kw.setdefault("bucket", run["data"]["bucket"])
     return ClaraInference(tok, model, clara, **kw)

@@ -2,6 +2,8 @@
 
 Torch `Linear` weights are [out, in]; our kernels are [in, out]. RoPE uses HF's rotate-half
 layout, so q/k need no permutation. Per-layer tensors are stacked into the scanned layout.
+Phi-3's fused `qkv_proj` / `gate_up_proj` are split into our separate projections at load (so
+LoRA by projection name keeps working) and fused back at save.
 """
 
 from __future__ import annotations
@@ -39,14 +41,41 @@ _GLOBAL_KEYS = {
     "lm_head.weight": "lm_head",
 }
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+# Phi-3 fused weight suffix -> the unfused suffixes it concatenates along the output (row) axis.
+_FUSED = {
+    "self_attn.qkv_proj.weight": (
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+    ),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+_FUSED_MODEL_TYPES = ("phi3",)
+
+
+def _fused_sizes(cfg: DecoderConfig, fused: str) -> tuple[int, ...]:
+    """Row counts of each part of a fused tensor, in HF's order (q,k,v / gate,up)."""
+    if fused == "self_attn.qkv_proj.weight":
+        return (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)
+    return (cfg.intermediate_size, cfg.intermediate_size)
+
+
+def _hf_suffixes(cfg: DecoderConfig, layer_names) -> list[str]:
+    """Per-layer checkpoint suffixes for our stacked params, fused where the family fuses them."""
+    inverse = {ours: suffix for suffix, (ours, _) in _LAYER_KEYS.items()}
+    suffixes = [inverse[name] for name in layer_names]
+    if cfg.model_type in _FUSED_MODEL_TYPES:
+        for fused, parts in _FUSED.items():
+            suffixes = [s for s in suffixes if s not in parts] + [fused]
+    return suffixes
 
 
 def _expected_keys(cfg: DecoderConfig, layer_names) -> list[str]:
     keys = ["model.embed_tokens.weight", "model.norm.weight"]
     if not cfg.tie_word_embeddings:
         keys.append("lm_head.weight")
-    inverse = {ours: suffix for suffix, (ours, _) in _LAYER_KEYS.items()}
-    keys += [f"model.layers.{i}.{inverse[name]}" for i in range(cfg.num_layers) for name in layer_names]
+    suffixes = _hf_suffixes(cfg, layer_names)
+    keys += [f"model.layers.{i}.{suffix}" for i in range(cfg.num_layers) for suffix in suffixes]
     return keys
 
 
@@ -76,13 +105,30 @@ def load_decoder(
     stacked = {name: np.zeros(model.layers[name].shape, param_dtype) for name in layer_names}
     singles = {}
     unexpected = []
+    fused = cfg.model_type in _FUSED_MODEL_TYPES
     for key, file in tensors.items():
         match = _LAYER.fullmatch(key)
-        if match and match.group(2) in _LAYER_KEYS and _LAYER_KEYS[match.group(2)][0] in stacked:
-            name, transpose = _LAYER_KEYS[match.group(2)]
+        if fused and match and match.group(2) in _FUSED:
             layer = int(match.group(1))
             if layer >= cfg.num_layers:
                 unexpected.append(key)
+                continue
+            value = file.get(key)
+            sizes = _fused_sizes(cfg, match.group(2))
+            if tuple(value.shape) != (sum(sizes), cfg.hidden_size):
+                raise ValueError(
+                    f"{path}: tensor {key} has shape {value.shape}, config implies {(sum(sizes), cfg.hidden_size)}"
+                )
+            for part_suffix, part in zip(
+                _FUSED[match.group(2)], np.split(value, np.cumsum(sizes)[:-1], axis=0), strict=True
+            ):
+                name, _ = _LAYER_KEYS[part_suffix]
+                stacked[name][layer] = part.T.astype(param_dtype)
+        elif match and match.group(2) in _LAYER_KEYS and _LAYER_KEYS[match.group(2)][0] in stacked:
+            name, transpose = _LAYER_KEYS[match.group(2)]
+            layer = int(match.group(1))
+            if layer >= cfg.num_layers or (fused and any(match.group(2) in p for p in _FUSED.values())):
+                unexpected.append(key)  # a phi3 checkpoint carries these only in fused form
                 continue
             value = file.get(key)
             value = value.T if transpose else value
@@ -132,11 +178,22 @@ def hf_config_dict(cfg: DecoderConfig) -> dict:
         rope.update(
             factor=factor, low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=old
         )
+    elif cfg.rope_scaling[0] == "longrope":
+        _, short, long, old, attention_factor = cfg.rope_scaling
+        rope.update(
+            short_factor=list(short),
+            long_factor=list(long),
+            original_max_position_embeddings=old,
+            attention_factor=attention_factor,
+        )
+    if cfg.partial_rotary_factor != 1.0:
+        rope["partial_rotary_factor"] = cfg.partial_rotary_factor
     arch = {
         "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
         "qwen3": "Qwen3ForCausalLM",
+        "phi3": "Phi3ForCausalLM",
     }[cfg.model_type]
     out = dict(
         architectures=[arch],
@@ -160,8 +217,15 @@ def hf_config_dict(cfg: DecoderConfig) -> dict:
     )
     if cfg.model_type in ("llama", "qwen3"):
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-    if cfg.model_type == "mistral":
+    if cfg.model_type in ("mistral", "phi3"):
         out["sliding_window"] = cfg.sliding_windows[0] or None
+    if cfg.model_type == "phi3":
+        # Phi3Config defaults this to 4096 and lets it override the rope dict, so always write it.
+        out["original_max_position_embeddings"] = (
+            cfg.rope_scaling[3] if cfg.rope_scaling[0] == "longrope" else cfg.max_position_embeddings
+        )
+        if cfg.partial_rotary_factor != 1.0:
+            out["partial_rotary_factor"] = cfg.partial_rotary_factor
     if cfg.model_type in ("qwen2", "qwen3"):
         windows = [w for w in cfg.sliding_windows if w]
         out.update(
@@ -192,6 +256,12 @@ def save_decoder(model: Decoder, path: str | os.PathLike) -> None:
             out[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(
                 stacked[i].T if transpose else stacked[i]
             )
+    if cfg.model_type in _FUSED_MODEL_TYPES:  # transformers' Phi3 only has the fused modules
+        for i in range(cfg.num_layers):
+            for fused, parts in _FUSED.items():
+                out[f"model.layers.{i}.{fused}"] = np.concatenate(
+                    [out.pop(f"model.layers.{i}.{part}") for part in parts], axis=0
+                )
     save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config_dict(cfg), f, indent=2)

@@ -1,19 +1,21 @@
 """Decoder hyper-parameters, read from (and named after) a transformers `config.json`.
 
-One frozen dataclass covers the Llama family (Llama, Mistral, Qwen2, Qwen3 and the
-tied-embedding SmolLM2): the differences between them are switches here, not subclasses.
+One frozen dataclass covers the Llama family (Llama, Mistral, Qwen2, Qwen3, the
+tied-embedding SmolLM2, and Phi-3/Phi-4-mini, whose fused qkv/gate_up weights are split at
+load): the differences between them are switches here, not subclasses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +29,11 @@ class DecoderConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position) or ("linear", factor).
+    # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position), ("linear", factor)
+    # or ("longrope", short_factors, long_factors, original_max_position, attention_factor).
     rope_scaling: tuple = ("default",)
+    # Fraction of each head that RoPE rotates (Phi-4-mini: 0.75); the rest passes through.
+    partial_rotary_factor: float = 1.0
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
@@ -57,12 +62,32 @@ class DecoderConfig:
             )
         if self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            problems.append(
+                f"rotary dim int(head_dim*partial_rotary_factor)={self.rotary_dim} must be even and in "
+                f"(0, head_dim={self.head_dim}]"
+            )
         if self.rope_scaling[0] not in SUPPORTED_ROPE_TYPES:
             problems.append(
                 f"rope type {self.rope_scaling[0]!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
             )
+        elif self.rope_scaling[0] == "longrope":
+            for label, factors in (
+                ("short_factor", self.rope_scaling[1]),
+                ("long_factor", self.rope_scaling[2]),
+            ):
+                if len(factors) != self.rotary_dim // 2:
+                    problems.append(
+                        f"longrope {label} has {len(factors)} entries; rotary dim {self.rotary_dim} needs "
+                        f"{self.rotary_dim // 2}"
+                    )
         if problems:
             raise ValueError("invalid DecoderConfig: " + "; ".join(problems))
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated dims per head, truncated like transformers' int(head_dim * factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def q_dim(self) -> int:
@@ -119,6 +144,9 @@ class DecoderConfig:
         if "rope_type" not in rope and "type" in rope:
             rope["rope_type"] = rope["type"]
         rope_type = rope.get("rope_type", "default")
+        if model_type == "phi3" and rope_type in ("su", "yarn"):
+            rope_type = "longrope"  # Phi3Config renames these legacy spellings the same way
+        max_positions = int(hf.get("max_position_embeddings", 4096))
         if rope_type == "default":
             scaling = ("default",)
         elif rope_type == "linear":
@@ -131,16 +159,42 @@ class DecoderConfig:
                 float(rope["high_freq_factor"]),
                 int(rope.get("original_max_position_embeddings", hf.get("max_position_embeddings"))),
             )
+        elif rope_type == "longrope":
+            if model_type == "phi3":
+                # Phi3Config always has this top-level field (default 4096) and transformers lets it
+                # override the one inside the rope dict.
+                original = int(hf.get("original_max_position_embeddings", 4096))
+            else:
+                original = int(rope.get("original_max_position_embeddings", max_positions))
+            factor = rope.get("factor")
+            factor = max_positions / original if factor is None else float(factor)
+            attention_factor = rope.get("attention_factor")
+            if attention_factor is None:  # the LongRoPE paper's default, as transformers computes it
+                attention_factor = (
+                    1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+                )
+            scaling = (
+                "longrope",
+                tuple(float(f) for f in rope["short_factor"]),
+                tuple(float(f) for f in rope["long_factor"]),
+                original,
+                float(attention_factor),
+            )
         else:
             raise ValueError(
                 f"{source}: rope type {rope_type!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
             )
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+        partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) or 1.0)
+        if partial != 1.0 and model_type != "phi3":
+            # transformers' Llama/Mistral/Qwen attention rotates whole heads and fails otherwise.
+            raise ValueError(
+                f"{source}: partial_rotary_factor={partial} is only supported for phi3 "
+                f"(transformers' {model_type} does not implement it either)"
+            )
 
         window = hf.get("sliding_window")
-        if model_type == "mistral":
+        if model_type in ("mistral", "phi3"):
             windows = (int(window) if window else 0,) * n_layers
         elif model_type in ("qwen2", "qwen3"):
             layer_types = hf.get("layer_types")
@@ -155,7 +209,8 @@ class DecoderConfig:
         else:
             windows = (0,) * n_layers
 
-        attention_bias = bool(hf.get("attention_bias", False))
+        # Phi-3 hard-codes bias-free projections whatever the config says.
+        attention_bias = bool(hf.get("attention_bias", False)) and model_type != "phi3"
         eos = hf.get("eos_token_id")
         return cls(
             vocab_size=hf["vocab_size"],
@@ -168,11 +223,12 @@ class DecoderConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", 10000.0)),
             rope_scaling=scaling,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            partial_rotary_factor=partial,
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=(model_type == "qwen2") or attention_bias,
             o_bias=attention_bias and model_type != "qwen2",
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)) and model_type != "phi3",
             qk_norm=model_type == "qwen3",
             sliding_windows=windows,
             model_type=model_type,

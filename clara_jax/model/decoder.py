@@ -30,7 +30,7 @@ from clara_jax.model.lora import (
     lora_delta,
     projection_shapes,
 )
-from clara_jax.model.rope import apply_rotary, inverse_frequencies, rotary_tables
+from clara_jax.model.rope import apply_rotary, attention_scaling, position_frequencies, rotary_tables
 
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully padded rows stay NaN-free
 
@@ -131,8 +131,8 @@ def layer_stack(
     `allowed` is the causal + padding mask [B,S,T]; sliding windows are applied per layer from
     the slot indices (as transformers does: by cache position, not RoPE position).
     """
-    inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    cos, sin = rotary_tables(positions, inv_freq)
+    inv_freq = position_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, positions)
+    cos, sin = rotary_tables(positions, inv_freq, attention_scaling(cfg.rope_scaling))
     b, s, _ = x.shape
     windows = jnp.asarray(cfg.sliding_windows, jnp.int32)
     if lora is not None:

@@ -81,6 +81,29 @@ PRESETS: dict[str, DecoderConfig] = {
         bos_token_id=151643,
         eos_token_id=151645,
     ),
+    # Phi-4-mini-instruct (Phi3ForCausalLM): fused qkv/gate_up in the checkpoint, 3/4 of each
+    # head rotated, tied embeddings. Its LongRoPE factor lists are not reproduced here (plain RoPE
+    # at theta 1e4, which is what the short factors approximate); the preset only serves shapes
+    # and compilation, and a real checkpoint's config.json supplies the exact factors.
+    "phi4_mini": DecoderConfig(
+        vocab_size=200064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_layers=32,
+        num_heads=24,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        partial_rotary_factor=0.75,
+        max_position_embeddings=131072,
+        sliding_windows=(262144,) * 32,
+        tie_word_embeddings=True,
+        model_type="phi3",
+        bos_token_id=199999,
+        eos_token_id=199999,
+        pad_token_id=199999,
+    ),
 }
 
 

@@ -1,6 +1,8 @@
 """Rotary position embeddings in the rotate-half layout that HF Llama checkpoints assume.
 
-Using HF's layout means q/k projection weights load without any permutation.
+Using HF's layout means q/k projection weights load without any permutation. Partial rotary
+(Phi-3/Phi-4: only the first `rotary_dim` dims of a head rotate) and LongRoPE follow
+transformers' Phi-3 code.
 """
 
 from __future__ import annotations
@@ -11,11 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: tuple) -> np.ndarray:
-    """Per-pair rotation frequencies, computed once on the host in float32 like transformers."""
-    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
-    inv_freq = (1.0 / (theta**exponents)).astype(np.float32)
+def inverse_frequencies(rotary_dim: int, theta: float, scaling: tuple, long: bool = False) -> np.ndarray:
+    """Per-pair rotation frequencies, computed once on the host in float32 like transformers.
+
+    `long` picks LongRoPE's long factors (ignored by the other rope types).
+    """
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim
     kind = scaling[0]
+    if kind == "longrope":
+        # transformers: 1 / (ext_factors * base**exponents), all in float32.
+        ext = np.asarray(scaling[2] if long else scaling[1], np.float32)
+        return (1.0 / (ext * (np.float32(theta) ** exponents))).astype(np.float32)
+    inv_freq = (1.0 / (theta**exponents)).astype(np.float32)
     if kind == "default":
         return inv_freq
     if kind == "linear":
@@ -32,17 +41,50 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: tuple) -> np.ndarr
     raise ValueError(f"unsupported rope scaling {scaling!r}")
 
 
-def rotary_tables(positions: jnp.ndarray, inv_freq: np.ndarray):
-    """cos/sin of shape [B, S, head_dim] for integer positions [B, S] (float32 math)."""
+def position_frequencies(rotary_dim: int, theta: float, scaling: tuple, positions: jnp.ndarray):
+    """inv_freq for one forward call.
+
+    LongRoPE mirrors transformers' `longrope_frequency_update`: the long factors are used for
+    every position of a call whose largest position id + 1 exceeds
+    `original_max_position_embeddings`, the short ones otherwise. The choice is made per call
+    (jit-traceable), so a cached decode step past the original window uses the long factors
+    for its new tokens while earlier cached keys keep theirs, exactly as transformers' forward.
+    """
+    short = inverse_frequencies(rotary_dim, theta, scaling)
+    if scaling[0] != "longrope":
+        return jnp.asarray(short)
+    long = inverse_frequencies(rotary_dim, theta, scaling, long=True)
+    use_long = jnp.max(positions) + 1 > scaling[3]
+    return jnp.where(use_long, jnp.asarray(long), jnp.asarray(short))
+
+
+def attention_scaling(scaling: tuple) -> float:
+    """The factor transformers multiplies cos/sin by (LongRoPE's attention_factor, else 1)."""
+    return float(scaling[4]) if scaling[0] == "longrope" else 1.0
+
+
+def rotary_tables(positions: jnp.ndarray, inv_freq, scale: float = 1.0):
+    """cos/sin of shape [B, S, rotary_dim] for integer positions [B, S] (float32 math)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
     angles = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos, sin
 
 
 def apply_rotary(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """x: [B, S, heads, head_dim]; cos/sin: [B, S, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    """x: [B, S, heads, head_dim]; cos/sin: [B, S, rotary_dim] with rotary_dim <= head_dim.
+
+    Only the first rotary_dim dims rotate (rotate-half within them); the rest pass through.
+    """
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+    out = x_rot * cos + rotated * sin
+    if x_pass.shape[-1]:
+        out = jnp.concatenate([out, x_pass], axis=-1)
+    return out

@@ -122,7 +122,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
         min_docs=config.clara.top_k if stage == "stage3" else None,
         docs_per_example=config.clara.docs_per_example if stage == "stage2" else None,
     )
-    log.info("%s: %s", config.data.train, report.summary())
+    log.info("%s", report.summary())
     batches = BatchIterator(
         records,
         built.tokenizer,

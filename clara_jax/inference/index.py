@@ -1,0 +1,342 @@
+"""Cosine top-k over an exported corpus (clara_jax.inference.export), streamed shard by shard.
+
+    index = EmbeddingIndex.open("runs/wiki-index")
+    ids, scores = index.search(query_vectors, k=5)            # query_vectors [Q, n_mem·D]
+    ids, scores = search_questions(inference, ["Who …?"], k=5)  # encodes with the query reasoner
+
+Why streaming: an exported corpus can be far larger than host or device memory, so search holds
+one shard plus the running top-k [Q, k] and merges each shard's top-k into it with a jitted merge.
+Shards are padded to the export's shard size (padding scores -inf) so every shard reuses one
+compiled program. Scores are float32 cosines (vectors normalised in float32 whatever the stored
+dtype), as stage 3 ranks them. The FAISS backend trades memory for speed: it holds every vector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clara_jax.inference.export import FORMAT, FORMAT_VERSION, model_fingerprint, read_shard, sha256_file
+from clara_jax.model.topk import COSINE_EPS
+
+BACKENDS = ("jax", "faiss")
+
+
+@jax.jit
+def _normalise(x: jax.Array) -> jax.Array:
+    """x / max(||x||, eps) in float32, as cosine_scores (an all-zero vector scores 0, not NaN)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), jnp.float32(COSINE_EPS) ** 2))
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _shard_topk(queries, docs, n_valid, offset, k: int):
+    """Top-k of one (padded) shard for normalised queries [Q, E] and docs [S, E]; global indices."""
+    scores = jnp.einsum("qe,se->qs", queries, docs, precision=jax.lax.Precision.HIGHEST)
+    scores = jnp.where(jnp.arange(docs.shape[0])[None, :] < n_valid, scores, -jnp.inf)
+    top, idx = jax.lax.top_k(scores, k)
+    return top, idx + offset
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _merge(scores_a, idx_a, scores_b, idx_b, k: int):
+    """Running top-k merged with a shard's; ties go to a (the earlier shards), like lax.top_k."""
+    scores = jnp.concatenate([scores_a, scores_b], axis=1)
+    idx = jnp.concatenate([idx_a, idx_b], axis=1)
+    top, pos = jax.lax.top_k(scores, k)
+    return top, jnp.take_along_axis(idx, pos, axis=1)
+
+
+class EmbeddingIndex:
+    """A read-only view of an export directory; shards are read (and checksummed) when searched."""
+
+    def __init__(self, export_dir: str, manifest: dict):
+        self.dir, self.manifest = export_dir, manifest
+        self._verified: set[int] = set()
+        self._faiss = None
+
+    @classmethod
+    def open(cls, export_dir: str | os.PathLike) -> EmbeddingIndex:
+        export_dir = str(export_dir)
+        path = os.path.join(export_dir, "manifest.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: not an export directory (no manifest.json)")
+        with open(path) as f:
+            manifest = json.load(f)
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} is not "
+                f"{FORMAT!r} v{FORMAT_VERSION}"
+            )
+        if not manifest.get("complete"):
+            progress = os.path.join(export_dir, "progress")
+            done = len(os.listdir(progress)) if os.path.isdir(progress) else 0
+            raise ValueError(
+                f"{export_dir}: export incomplete ({done} of {manifest.get('num_shards')} shards done); "
+                "rerun `clara-jax export` with the same arguments to finish it"
+            )
+        counts = sum(s["count"] for s in manifest["shards"])
+        if counts != manifest["count"] or len(manifest["shards"]) != manifest["num_shards"]:
+            raise ValueError(f"{path}: shard counts sum to {counts}, the manifest says {manifest['count']}")
+        for s in manifest["shards"]:
+            if not os.path.isfile(os.path.join(export_dir, s["file"])):
+                raise FileNotFoundError(f"{export_dir}: shard {s['file']} listed in the manifest is missing")
+        return cls(export_dir, manifest)
+
+    def __len__(self) -> int:
+        return self.manifest["count"]
+
+    @property
+    def dim(self) -> int:
+        return self.manifest["n_mem"] * self.manifest["hidden_size"]
+
+    # ------------------------------------------------------------------ checks
+    def check_model(self, clara, hidden_size: int, fingerprint: str | None = None) -> None:
+        """Raise naming the field if a query model's vectors are not comparable with this index."""
+        m = self.manifest
+        theirs = {
+            "compression_rate": clara.compression_rate,
+            "n_mem": clara.n_mem,
+            "hidden_size": hidden_size,
+        }
+        if fingerprint is not None:
+            theirs["model_fingerprint"] = fingerprint
+        for key, value in theirs.items():
+            if m[key] != value:
+                raise ValueError(
+                    f"query model and index disagree on {key}: the index at {self.dir} has {m[key]!r}, "
+                    f"the query model has {value!r} (was the index exported with another model?)"
+                )
+
+    def verify(self) -> None:
+        """Checksum every shard now (search does it lazily, once per shard)."""
+        for i in range(len(self.manifest["shards"])):
+            self._load(i)
+
+    def _load(self, i: int) -> tuple[np.ndarray, list[str] | None]:
+        s = self.manifest["shards"][i]
+        path = os.path.join(self.dir, s["file"])
+        if i not in self._verified:
+            if sha256_file(path) != s["sha256"]:
+                raise ValueError(
+                    f"{path}: checksum mismatch (corrupt shard); rerun `clara-jax export` into "
+                    f"{self.dir} with the same arguments to redo it"
+                )
+            self._verified.add(i)
+        emb, ids = read_shard(path)
+        expected = (s["count"], *self.manifest["embedding_shape"])
+        if tuple(emb.shape) != expected:
+            raise ValueError(f"{path}: embeddings of shape {emb.shape}, the manifest says {expected}")
+        return emb, ids
+
+    def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
+        queries = np.asarray(queries)
+        if queries.ndim != 2:
+            raise ValueError(f"query vectors must be [Q, n_mem·hidden_size], got shape {queries.shape}")
+        if queries.shape[1] != self.dim:
+            m = self.manifest
+            raise ValueError(
+                f"query dim {queries.shape[1]} != index dim n_mem·hidden_size = {m['n_mem']}·{m['hidden_size']} "
+                f"= {self.dim}: the query model's n_mem or hidden_size differs from the index"
+            )
+        if not 1 <= k <= len(self):
+            raise ValueError(f"k={k} must be in [1, {len(self)}] (the number of indexed documents)")
+        return queries
+
+    def _ids(self, indices: np.ndarray) -> list[list[str]]:
+        """Global row numbers -> document ids, reading only the needed shards' headers."""
+        starts = np.array([s["start"] for s in self.manifest["shards"]])
+        shard_of = np.searchsorted(starts, indices, side="right") - 1
+        names = {}
+        for i in np.unique(shard_of):
+            names[int(i)] = read_shard(os.path.join(self.dir, self.manifest["shards"][i]["file"]))[1]
+        return [
+            [names[int(s)][int(g) - int(starts[s])] for s, g in zip(srow, grow)]
+            for srow, grow in zip(shard_of, indices)
+        ]
+
+    # ------------------------------------------------------------------ search
+    def search(
+        self, query_vectors, k: int = 5, *, backend: str = "jax", query_batch: int = 1024
+    ) -> tuple[list[list[str]], np.ndarray]:
+        """Cosine top-k: (ids [Q][k], scores float32 [Q, k]), best first."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        queries = self._check_queries(query_vectors, k)
+        if queries.shape[0] == 0:
+            return [], np.zeros((0, k), np.float32)
+        if backend == "faiss":
+            scores, indices = self._search_faiss(queries, k)
+        else:
+            scores, indices = self._search_jax(queries, k, query_batch)
+        return self._ids(indices), scores
+
+    def _search_jax(self, queries: np.ndarray, k: int, query_batch: int):
+        q_total = queries.shape[0]
+        qb = min(query_batch_size(q_total), query_batch)
+        n_batches = -(-q_total // qb)
+        padded = np.zeros((n_batches * qb, queries.shape[1]), np.float32)
+        padded[:q_total] = queries
+        q_norm = [_normalise(jnp.asarray(padded[b * qb : (b + 1) * qb])) for b in range(n_batches)]
+        size = self.manifest["shard_size"]
+        shard_k = min(k, size)
+        best = [
+            (jnp.full((qb, k), -jnp.inf, jnp.float32), jnp.full((qb, k), -1, jnp.int32))
+            for _ in range(n_batches)
+        ]
+        for i, s in enumerate(self.manifest["shards"]):
+            emb, _ = self._load(i)
+            docs = np.zeros((size, self.dim), np.float32)
+            docs[: s["count"]] = np.asarray(emb, np.float32).reshape(s["count"], -1)
+            docs = _normalise(jnp.asarray(docs))
+            for b in range(n_batches):
+                top, idx = _shard_topk(q_norm[b], docs, s["count"], s["start"], k=shard_k)
+                best[b] = _merge(*best[b], top, idx.astype(jnp.int32), k=k)
+            del docs, emb
+        scores = np.concatenate([np.asarray(sc) for sc, _ in best])[:q_total]
+        indices = np.concatenate([np.asarray(ix) for _, ix in best])[:q_total]
+        return scores, indices
+
+    def _search_faiss(self, queries: np.ndarray, k: int):
+        if self._faiss is None:
+            try:
+                import faiss
+            except ImportError:
+                raise ImportError("backend='faiss' needs faiss: pip install faiss-cpu") from None
+            index = faiss.IndexFlatIP(self.dim)
+            for i, s in enumerate(self.manifest["shards"]):
+                emb, _ = self._load(i)
+                flat = np.asarray(emb, np.float32).reshape(s["count"], -1)
+                index.add(np.ascontiguousarray(np.asarray(_normalise(jnp.asarray(flat)))))
+            self._faiss = index
+        q = np.ascontiguousarray(np.asarray(_normalise(jnp.asarray(queries, np.float32))))
+        scores, indices = self._faiss.search(q, k)
+        return scores.astype(np.float32), indices.astype(np.int64)
+
+
+def query_batch_size(n: int) -> int:
+    """Next power of two (so a stream of varied query counts reuses a few compiled programs)."""
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def search_questions(
+    inference,
+    questions,
+    k: int = 5,
+    *,
+    index: EmbeddingIndex | str,
+    backend: str = "jax",
+    model_fingerprint: str | None = None,
+) -> tuple[list[list[str]], np.ndarray]:
+    """Encode questions with the query reasoner and search the index (after a compatibility check)."""
+    if not isinstance(index, EmbeddingIndex):
+        index = EmbeddingIndex.open(index)
+    index.check_model(inference.clara, inference.model.config.hidden_size, model_fingerprint)
+    return index.search(inference.encode_queries(list(questions)), k, backend=backend)
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+
+def _read_questions(path: str) -> list[str]:
+    questions = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not JSON ({exc.msg})") from None
+            q = obj.get("question") if isinstance(obj, dict) else obj
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(
+                    f"{path}:{line_no}: expected {{'question': TEXT}} or a JSON string, got {line[:80]!r}"
+                )
+            questions.append(q)
+    if not questions:
+        raise ValueError(f"{path}: no questions")
+    return questions
+
+
+def _search_cmd(args: argparse.Namespace) -> int:
+    from clara_jax.inference.clara_model import ClaraInference
+    from clara_jax.inference.model_dir import load_clara_model
+
+    try:
+        questions = args.question or _read_questions(args.questions)
+        index = EmbeddingIndex.open(args.index)
+        tok, model, clara = load_clara_model(args.model)
+        inference = ClaraInference(tok, model, clara, batch_size=args.batch_size)
+        t0 = time.perf_counter()
+        ids, scores = search_questions(
+            inference,
+            questions,
+            args.k,
+            index=index,
+            backend=args.backend,
+            model_fingerprint=model_fingerprint(args.model),
+        )
+        seconds = time.perf_counter() - t0
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"clara-jax search: error: {exc}", file=sys.stderr)
+        return 1
+    for q, row_ids, row_scores in zip(questions, ids, scores):
+        if args.json:
+            print(
+                json.dumps(
+                    {"question": q, "ids": row_ids, "scores": [round(float(s), 6) for s in row_scores]}
+                )
+            )
+        else:
+            print(f"Q: {q}")
+            for rank, (doc_id, score) in enumerate(zip(row_ids, row_scores), start=1):
+                print(f"  {rank:>3}. {score:.4f}  {doc_id}")
+    if not args.json:
+        print(f"{len(questions)} questions over {len(index)} documents in {seconds:.2f}s", file=sys.stderr)
+    return 0
+
+
+def add_search_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `clara-jax search` on the CLI's sub-parsers."""
+    parser = subparsers.add_parser(
+        "search",
+        help="retrieve the top-k documents of an exported corpus for questions (query reasoner + cosine)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Encode questions with the model's query reasoner and return the k documents of an\n"
+        "index written by `clara-jax export` with the highest cosine similarity (float32). The model must\n"
+        "be the one the index was exported with (same fingerprint, n_mem and hidden size).\n"
+        "The jax backend streams over the shards (one shard in memory at a time); faiss (pip install\n"
+        "faiss-cpu) builds an exact IndexFlatIP over all vectors in memory.\n\n"
+        "  clara-jax search --model runs/s3/model --index runs/wiki-index --question 'Who founded X?' -k 5\n"
+        "  clara-jax search --model runs/s3/model --index runs/wiki-index --questions q.jsonl --json",
+    )
+    parser.add_argument("--model", required=True, help="the model directory the index was exported with")
+    parser.add_argument("--index", required=True, help="an export directory (clara-jax export --out)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--question", nargs="+", metavar="TEXT", help="one or more questions")
+    source.add_argument(
+        "--questions",
+        metavar="FILE.jsonl",
+        help="questions, one per line: {'question': TEXT} or a JSON string",
+    )
+    parser.add_argument("-k", type=int, default=5, help="documents per question (default 5)")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="jax", help="jax (streaming, default) or faiss"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="questions per query-encoder call (default 8)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per question: {question, ids, scores}"
+    )
+    parser.set_defaults(func=_search_cmd)
+    return parser
