@@ -24,12 +24,14 @@ EXTRAS = {
     "torch": ["torch==2.13.0", "peft>=0.13", "accelerate>=1.0"],
     # Parquet / HF datasets and ArrayRecord sources for large corpora (imported lazily).
     "data": ["datasets>=3.0", "grain>=0.2", "array-record>=0.5"],
+    # An optional FAISS backend for searching large exported indexes.
+    "faiss": ["faiss-cpu>=1.8"],
     "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
     # libtpu makes jax probe for a TPU at start-up, so it is never part of the default install.
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]"],
 }
-EXTRAS["test"] += EXTRAS["data"]
+EXTRAS["test"] += EXTRAS["data"] + EXTRAS["faiss"]
 EXTRAS["dev"] = EXTRAS["torch"] + EXTRAS["test"]
 
 setup(

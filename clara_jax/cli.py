@@ -86,7 +86,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     _configure_logging(logging)
     try:
-        clara = load_inference(args.model, batch_size=args.batch_size)
+        clara = load_inference(args.model, batch_size=args.batch_size, progress=True)
         results = {}
         for path in args.data:
             name = os.path.splitext(os.path.basename(path))[0]

@@ -22,12 +22,22 @@ from clara_jax.model.decoder import Decoder
 from clara_jax.model.lora import LoRAConfig
 from clara_jax.model.vocab import extend_vocabulary
 
-DOCS = ["Mava lives in Vienna. Mava likes orange.", "Tavo keeps a goat.", "Sumi was born in 1962.",
-        "Lona's mentor is Teme.", "Teme lives in Madrid.", "Fato keeps a dog."]
+DOCS = [
+    "Mava lives in Vienna. Mava likes orange.",
+    "Tavo keeps a goat.",
+    "Sumi was born in 1962.",
+    "Lona's mentor is Teme.",
+    "Teme lives in Madrid.",
+    "Fato keeps a dog.",
+]
 
 
 def _model(tok, base=None, seed=0):
-    model = load_decoder(base) if base else Decoder(tiny_config(vocab_size=tok.base_vocab_size), rngs=nnx.Rngs(seed))
+    model = (
+        load_decoder(base)
+        if base
+        else Decoder(tiny_config(vocab_size=tok.base_vocab_size), rngs=nnx.Rngs(seed))
+    )
     extend_vocabulary(model, tok.vocab_size, key=jax.random.key(seed), trainable_token_ids=tok.mem_token_ids)
     model.embed_rows[...] = model.embed_rows[...] + 0.3  # "trained" rows
     for i, role in enumerate(ROLES):
@@ -56,7 +66,8 @@ def test_saved_model_reloads_identically(saved):
     np.testing.assert_allclose(b.compress_documents(DOCS), a.compress_documents(DOCS), atol=1e-6)
     np.testing.assert_allclose(b.encode_queries(["Where?"]), a.encode_queries(["Where?"]), atol=1e-6)
     assert b.generate_from_text(["Who?"], [DOCS[:2]], max_new_tokens=6) == a.generate_from_text(
-        ["Who?"], [DOCS[:2]], max_new_tokens=6)
+        ["Who?"], [DOCS[:2]], max_new_tokens=6
+    )
 
 
 def test_model_with_referenced_base(tmp_path):
@@ -83,9 +94,18 @@ def test_greedy_from_spliced_embeddings_equals_recomputation(saved):
     gen = generator_batch(tok, [standard_prompt(tok, q, 2) for q in ("Where?", "Who keeps a goat?")], 512)
     embeds = splice(model, jnp.asarray(gen.ids), memory, clara.mem_token_ids)
     mask = jnp.asarray(gen.mask)
-    tokens = np.asarray(generate(model, inputs_embeds=embeds, attention_mask=mask, adapter="generator",
-                                 sampling=SamplingConfig(max_new_tokens=10)))
-    forward = jax.jit(lambda m, e, k: m(inputs_embeds=e, attention_mask=k, adapter="generator")[:, -1].argmax(-1))
+    tokens = np.asarray(
+        generate(
+            model,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            adapter="generator",
+            sampling=SamplingConfig(max_new_tokens=10),
+        )
+    )
+    forward = jax.jit(
+        lambda m, e, k: m(inputs_embeds=e, attention_mask=k, adapter="generator")[:, -1].argmax(-1)
+    )
     seq, m = embeds, mask
     for step in range(10):  # no cache: re-run everything, append the argmax's embedding
         nxt = np.asarray(forward(model, seq, m))
@@ -97,8 +117,9 @@ def test_greedy_from_spliced_embeddings_equals_recomputation(saved):
 def test_official_style_api(saved):
     tok, model, clara, _ = saved
     inference = ClaraInference(tok, model, clara, batch_size=4)
-    answers, topk = inference.generate_from_questions(["Where does Mava live?", "Who keeps a dog?"],
-                                                      [DOCS[:4], DOCS[2:]], k=2, max_new_tokens=5)
+    answers, topk = inference.generate_from_questions(
+        ["Where does Mava live?", "Who keeps a dog?"], [DOCS[:4], DOCS[2:]], k=2, max_new_tokens=5
+    )
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers) and topk.shape == (2, 2)
     assert (topk >= 0).all() and (topk < 4).all()
     p1 = inference.generate_from_paraphrase(DOCS[:2], max_new_tokens=5, seed=1)
@@ -114,14 +135,48 @@ def test_eval_cli(saved, tmp_path, capsys):
     data = tmp_path / "eval.jsonl"
     with open(data, "w") as f:
         for i in range(4):
-            f.write(json.dumps({"question": f"Q{i}?", "docs": DOCS[i:i + 3], "golden_answers": ["Vienna"],
-                                "pos_index": [0]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "question": f"Q{i}?",
+                        "docs": DOCS[i : i + 3],
+                        "golden_answers": ["Vienna"],
+                        "pos_index": [0],
+                    }
+                )
+                + "\n"
+            )
     scores = tmp_path / "scores.json"
-    code = cli.main(["eval", "--model", str(out), "--data", str(data), "-k", "2", "--max-new-tokens", "4",
-                     "--json", str(scores)])
+    code = cli.main(
+        [
+            "eval",
+            "--model",
+            str(out),
+            "--data",
+            str(data),
+            "-k",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--json",
+            str(scores),
+        ]
+    )
     assert code == 0
     result = json.load(open(scores))["eval"]
     assert {"em", "f1", "acc", "recall@1", "recall@2"} <= set(result)
     assert "eval" in capsys.readouterr().out
     code = cli.main(["eval", "--model", str(tmp_path), "--data", str(data)])
     assert code == 2  # not a model directory: a clear error, not a traceback
+
+
+def test_data_parallel_over_local_devices_equals_one_device(saved):
+    tok, model, clara, _ = saved
+    assert jax.local_device_count() == 8
+    parallel = ClaraInference(tok, model, clara, batch_size=3)
+    single = ClaraInference(tok, model, clara, batch_size=3, data_parallel=False)
+    assert parallel.batch_size == 8 and single.batch_size == 3
+    np.testing.assert_allclose(parallel.compress_documents(DOCS), single.compress_documents(DOCS), atol=1e-5)
+    assert parallel.generate_from_text(
+        ["Who?", "Where?"], [DOCS[:2], DOCS[2:4]], max_new_tokens=5
+    ) == single.generate_from_text(["Who?", "Where?"], [DOCS[:2], DOCS[2:4]], max_new_tokens=5)

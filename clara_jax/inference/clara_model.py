@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clara_jax.data.layouts import generator_batch
 from clara_jax.data.pipeline import bucket_length, encoder_rows, pad_left
@@ -37,32 +38,54 @@ class ClaraInference:
         batch_size: int = 8,
         bucket: int = 32,
         query_max_length: int = 64,
+        data_parallel: bool = True,
+        progress: bool = False,
     ):
         self.tok, self.model, self.clara = tokenizer, model, clara
-        self.batch_size, self.bucket, self.query_max_length = batch_size, bucket, query_max_length
+        self.bucket, self.query_max_length, self.progress = bucket, query_max_length, progress
+        # Data parallel over this process's devices: the weights replicated once, each batch split
+        # over the devices (the batch size is rounded up to a multiple of the device count).
+        devices = jax.local_devices()
+        self._rows = None
+        if data_parallel and len(devices) > 1:
+            mesh = Mesh(np.asarray(devices), ("data",))
+            self._rows = NamedSharding(mesh, PartitionSpec("data"))
+            self.model = jax.device_put(model, NamedSharding(mesh, PartitionSpec()))
+            batch_size = -(-batch_size // len(devices)) * len(devices)
+        self.batch_size = batch_size
         n_mem = clara.n_mem
         self._compress = jax.jit(lambda m, ids, mask: compress(m, ids, mask, n_mem)[0])
         self._query = jax.jit(lambda m, ids, mask: encode_query(m, ids, mask, n_mem))
         self._splice = jax.jit(lambda m, ids, memory: splice(m, ids, memory, clara.mem_token_ids))
 
+    def _put(self, array) -> jax.Array:
+        """A batch on the devices: split over them when data parallel."""
+        return jax.device_put(array, self._rows) if self._rows is not None else jnp.asarray(array)
+
+    def _chunks(self, n: int, what: str):
+        from tqdm.auto import tqdm
+
+        starts = range(0, n, self.batch_size)
+        return tqdm(starts, desc=what, unit="batch", disable=not self.progress or len(starts) < 2)
+
     # ------------------------------------------------------------------ encoders
-    def _batched(self, texts: Sequence[str], fn, max_length: int) -> np.ndarray:
+    def _batched(self, texts: Sequence[str], fn, max_length: int, what: str) -> np.ndarray:
         out = []
-        for start in range(0, len(texts), self.batch_size):
+        for start in self._chunks(len(texts), what):
             chunk = list(texts[start : start + self.batch_size])
             real = len(chunk)
             chunk += [chunk[-1]] * (self.batch_size - real)  # fixed batch shape: no recompiles
             enc = encoder_rows(self.tok, chunk, max_length, self.bucket)
-            out.append(np.asarray(fn(self.model, jnp.asarray(enc.ids), jnp.asarray(enc.mask)))[:real])
+            out.append(np.asarray(fn(self.model, self._put(enc.ids), self._put(enc.mask)))[:real])
         return np.concatenate(out)
 
     def compress_documents(self, documents: Sequence[str]) -> np.ndarray:
         """[n, n_mem, D] memory vectors under the compressor (no dropout)."""
-        return self._batched(documents, self._compress, self.clara.doc_max_length)
+        return self._batched(documents, self._compress, self.clara.doc_max_length, "compress")
 
     def encode_queries(self, questions: Sequence[str]) -> np.ndarray:
         """[n, n_mem·D] query-reasoner vectors (queries padded to their own short length)."""
-        return self._batched(questions, self._query, self.query_max_length)
+        return self._batched(questions, self._query, self.query_max_length, "queries")
 
     # ------------------------------------------------------------------ generation
     def _generate(self, prompts, memory: np.ndarray, max_new_tokens: int, sampling: SamplingConfig | None):
@@ -72,7 +95,7 @@ class ClaraInference:
         )
         answers = []
         k = memory.shape[1]
-        for start in range(0, len(prompts), self.batch_size):
+        for start in self._chunks(len(prompts), "generate"):
             chunk = list(prompts[start : start + self.batch_size])
             mem = memory[start : start + self.batch_size]
             real = len(chunk)
@@ -80,9 +103,9 @@ class ClaraInference:
             mem = np.concatenate([mem, np.repeat(mem[-1:], self.batch_size - real, 0)])
             gen = generator_batch(self.tok, chunk, 1 << 30, bucket=1, expect_docs=k)
             width = bucket_length(gen.ids.shape[1], self.bucket)
-            ids = jnp.asarray(pad_left(gen.ids, width, self.tok.pad_id))
-            mask = jnp.asarray(pad_left(gen.mask, width, False))
-            embeds = self._splice(self.model, ids, jnp.asarray(mem))
+            ids = self._put(pad_left(gen.ids, width, self.tok.pad_id))
+            mask = self._put(pad_left(gen.mask, width, False))
+            embeds = self._splice(self.model, ids, self._put(mem))
             tokens = np.asarray(
                 generate(
                     self.model,
