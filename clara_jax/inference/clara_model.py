@@ -202,3 +202,28 @@ class ClaraInference:
         selected = np.take_along_axis(memory, topk[:, :, None, None], axis=1)
         prompts = [standard_prompt(self.tok, q, topk.shape[1]) for q in questions]
         return self._generate(prompts, selected, max_new_tokens, sampling), topk
+
+    def generate_from_index(
+        self,
+        questions: Sequence[str],
+        index,
+        *,
+        k: int | None = None,
+        max_new_tokens: int = 64,
+        backend: str = "jax",
+        sampling=None,
+    ):
+        """Stage-3 inference over an exported corpus: the query reasoner searches the index (an
+        `EmbeddingIndex` or its directory) and the generator answers from the top-k stored vectors.
+        Returns (answers, ids [B][k], scores [B, k])."""
+        from clara_jax.inference.index import search_questions
+
+        k = k or self.clara.top_k
+        ids, scores = search_questions(self, questions, k, index=index, backend=backend)
+        if isinstance(index, str):
+            from clara_jax.inference.index import EmbeddingIndex
+
+            index = EmbeddingIndex.open(index)
+        memory = index.embeddings(ids)
+        prompts = [standard_prompt(self.tok, q, k) for q in questions]
+        return self._generate(prompts, memory, max_new_tokens, sampling), ids, scores

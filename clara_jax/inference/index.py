@@ -163,6 +163,23 @@ class EmbeddingIndex:
             for srow, grow in zip(shard_of, indices)
         ]
 
+    def embeddings(self, ids: list[list[str]]) -> np.ndarray:
+        """The stored memory vectors of `ids` ([Q][k] -> [Q, k, n_mem, D] float32), reading only the
+        shards that hold them; what the generator reads after a search."""
+        wanted = {doc for row in ids for doc in row}
+        found: dict[str, np.ndarray] = {}
+        for i in range(len(self.manifest["shards"])):
+            shard_ids = read_shard(os.path.join(self.dir, self.manifest["shards"][i]["file"]))[1]
+            if wanted.intersection(shard_ids):
+                emb, shard_ids = self._load(i)
+                for row, doc in enumerate(shard_ids):
+                    if doc in wanted:
+                        found[doc] = np.asarray(emb[row], np.float32)
+        missing = sorted(wanted - set(found))
+        if missing:
+            raise KeyError(f"ids not in the index at {self.dir}: {missing[:5]}")
+        return np.stack([np.stack([found[doc] for doc in row]) for row in ids])
+
     # ------------------------------------------------------------------ search
     def search(
         self, query_vectors, k: int = 5, *, backend: str = "jax", query_batch: int = 1024
