@@ -86,6 +86,7 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.total_steps = 0  # 0: derived from the data size and num_epochs
 
     c.mesh = "data=-1,fsdp=1,tensor=1"
+    c.sharding_rules = ""  # overrides of parallel/rules.py DEFAULT_RULES, e.g. "embed=fsdp,mlp=tensor+fsdp"
     c.init_from = ""  # workdir of the previous stage (stage 2 <- stage 1, stage 3 <- stage 2)
 
     c.checkpoint = ml_collections.ConfigDict()

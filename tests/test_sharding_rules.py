@@ -232,3 +232,16 @@ def test_sharded_forward_matches_single_device(mesh, model):
     # And so do the logits: rows over data x fsdp, vocab over tensor.
     assert logits.sharding.spec == P(("data", "fsdp"), None, "tensor")
     assert {s.data.shape for s in logits.addressable_shards} == {(1, 12, 256)}
+
+
+def test_rules_from_config_override_the_defaults():
+    from clara_jax.parallel.rules import DEFAULT_RULES, parse_rules
+
+    rules = parse_rules("mlp=tensor+fsdp, vocab=")
+    assert rules[0] == ("mlp", ("tensor", "fsdp")) and rules[1] == ("vocab", None)
+    assert rules[2:] == DEFAULT_RULES
+    assert parse_rules("") == DEFAULT_RULES
+    with pytest.raises(ValueError, match="unknown logical axis"):
+        parse_rules("heads=tensor")
+    with pytest.raises(ValueError, match="must look like"):
+        parse_rules("embed")

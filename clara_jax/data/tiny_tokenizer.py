@@ -18,6 +18,8 @@ import itertools
 import os
 from pathlib import Path
 
+from clara_jax.data.prompts import PARAPHRASE_SYSTEM, PARAPHRASE_TEMPLATES, QA_SYSTEM, STANDARD_SYSTEM
+
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
 
 # Leaves room for the CLaRa tokens (up to 125 <MEM*> + <AE>, <ENC>, <SEP>) under the 512-row
@@ -55,30 +57,9 @@ MISTRAL_CHAT_TEMPLATE = (
     "{%- endfor %}"
 )
 
-_SYSTEM_PROMPTS = (
-    "You are a helpful assistant. Given a document, your task is to generate some single questions "
-    "to cover all key information of the document and answer them sequentially.",
-    "You are a helpful assistant. Your task is follow the instructions to paraphrase the background "
-    "information.",
-    "You are a helpful assistant. Your task is to extract relevant information from provided "
-    "documents and to answer to questions as briefly as possible.",
-)
-
-_PARAPHRASE_TEMPLATES = (
-    "Background: {docs} means the same as",
-    "Background: {docs} Can you put the above sentences in your own terms?",
-    "Background: {docs} Please provide a reinterpretation of the preceding background text.",
-    "These two expressions are equivalent in essence:\n(1) {docs}\n(2)",
-    "Background: {docs} is a paraphrase of what?",
-    "Background: {docs} Could you give me a different version of the background sentences above?",
-    "In other words, background: {docs} is just another way of saying:",
-    "You're getting across the same point whether you say background: {docs} or",
-    "Background: {docs} After unpacking the ideas in the background information above, we got:",
-    "Background: {docs} Please offer a restatement of the background sentences I've just read.",
-    "Background: {docs}, which also means:",
-    "Strip away the mystery, and you'll find background: {docs} is simply another rendition of:",
-    "The essence of background: {docs} is captured again in the following statement:",
-)
+# The exact CLaRa prompt texts, so the tiny BPE learns merges for what the model will really read.
+_SYSTEM_PROMPTS = (QA_SYSTEM, PARAPHRASE_SYSTEM, STANDARD_SYSTEM)
+_PARAPHRASE_TEMPLATES = PARAPHRASE_TEMPLATES
 
 _SENTENCES = (
     "The river flows through the old city and into the sea.",

@@ -52,6 +52,24 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
 )
 
 
+def parse_rules(spec: str, base: Rules = DEFAULT_RULES) -> tuple[tuple[str, MeshAxes], ...]:
+    """Config overrides on top of `base`: "embed=fsdp,mlp=tensor+fsdp,vocab=" (empty = replicate).
+
+    An overridden name takes precedence (its rule goes first); the rest of `base` is kept.
+    """
+    overrides = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if "=" not in part:
+            raise ValueError(f"sharding rule {part!r} must look like logical=mesh_axis[+mesh_axis]")
+        name, axes = (x.strip() for x in part.split("=", 1))
+        known = {n for n, _ in base}
+        if name not in known:
+            raise ValueError(f"sharding rule for unknown logical axis {name!r}; known: {sorted(known)}")
+        mesh_axes = tuple(a for a in axes.split("+") if a) or None
+        overrides.append((name, mesh_axes[0] if mesh_axes and len(mesh_axes) == 1 else mesh_axes))
+    return tuple(overrides) + tuple(base)
+
+
 def _as_tuple(mesh_axes: MeshAxes) -> tuple[str, ...]:
     if mesh_axes is None:
         return ()

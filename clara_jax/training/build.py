@@ -20,6 +20,7 @@ from flax import nnx
 
 from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
 from clara_jax.data.tokenizer import ClaraTokenizer, load_tokenizer
+from clara_jax.interop.gguf import resolve_model_path
 from clara_jax.interop.hf import load_decoder
 from clara_jax.model.clara import COMPRESSOR, GENERATOR, QUERY_REASONER, ROLES, ClaraConfig
 from clara_jax.model.decoder import Decoder
@@ -72,7 +73,7 @@ def tokenizer_dir(config) -> str:
     if config.model.tokenizer:
         return config.model.tokenizer
     if config.model.path:
-        return config.model.path
+        return resolve_model_path(config.model.path)
     if config.model.preset == "tiny":
         return str(TINY_TOKENIZER_DIR)
     raise ValueError(
@@ -86,7 +87,9 @@ def build_model(config: ml_collections.ConfigDict) -> BuiltModel:
     n_mem = config.clara.doc_max_length // config.clara.compression_rate
     tok = load_tokenizer(tokenizer_dir(config), n_mem=n_mem)
     if config.model.path:
-        model = load_decoder(config.model.path, dtype=config.model.dtype, remat=config.model.remat)
+        model = load_decoder(
+            resolve_model_path(config.model.path), dtype=config.model.dtype, remat=config.model.remat
+        )
     else:
         arch = preset(config.model.preset).replace(
             vocab_size=tok.base_vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id

@@ -17,6 +17,7 @@ from clara_jax.model.decoder import REMAT_POLICIES, DTypePolicy
 from clara_jax.model.presets import PRESETS
 from clara_jax.model.topk import MASK_MODES
 from clara_jax.parallel.mesh import MeshConfig
+from clara_jax.parallel.rules import parse_rules
 from clara_jax.training.objectives import STAGES
 
 
@@ -149,6 +150,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         MeshConfig.from_spec(c.mesh)
     except ValueError as err:
         problems.append(f"mesh = {c.mesh!r}: {err}")
+    try:
+        parse_rules(c.sharding_rules)
+    except ValueError as err:
+        problems.append(f"sharding_rules = {c.sharding_rules!r}: {err}")
     need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", ">= 1")
     need(c.checkpoint.keep >= 1, "checkpoint.keep", ">= 1")
     need(c.log_every >= 1, "log_every", ">= 1")

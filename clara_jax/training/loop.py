@@ -22,6 +22,7 @@ from clara_jax.data.pipeline import BatchIterator, LayoutConfig, process_local
 from clara_jax.data.sources import read_records
 from clara_jax.model.flops import forward_flops, lora_train_flops, measured_matmul_flops
 from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh
+from clara_jax.parallel.rules import parse_rules
 from clara_jax.training.build import build_model, init_from_previous_stage, optimizer_config
 from clara_jax.training.checkpoint import Checkpointer, abstract_like
 from clara_jax.training.metrics import MetricsWriter, plot_history
@@ -123,31 +124,23 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
         docs_per_example=config.clara.docs_per_example if stage == "stage2" else None,
     )
     log.info("%s", report.summary())
-    batches = BatchIterator(
-        records,
-        built.tokenizer,
-        stage,
-        layout_config(config),
-        global_size=config.batch.global_size,
-        micro_size=config.batch.micro_size,
-        seed=config.seed,
-        num_epochs=config.data.num_epochs,
-    )
+
+    def make_batches(num_epochs: int) -> BatchIterator:
+        return BatchIterator(
+            records,
+            built.tokenizer,
+            stage,
+            layout_config(config),
+            global_size=config.batch.global_size,
+            micro_size=config.batch.micro_size,
+            seed=config.seed,
+            num_epochs=num_epochs,
+        )
+
+    batches = make_batches(config.data.num_epochs)
     total_steps = config.total_steps or batches.total_steps
     spec = stage_spec(stage, docs_per_example=config.clara.docs_per_example)
-    first = next(
-        iter(
-            BatchIterator(
-                records,
-                built.tokenizer,
-                stage,
-                layout_config(config),
-                global_size=config.batch.global_size,
-                micro_size=config.batch.micro_size,
-                seed=config.seed,
-            )
-        )
-    )
+    first = next(make_batches(1))  # shapes only: the step's shardings depend on ranks, not lengths
     trainer = build_stage_trainer(
         built.model,
         spec,
@@ -157,6 +150,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
         first,
         seed=config.seed,
         gumbel=config.clara.gumbel,
+        rules=parse_rules(config.sharding_rules),
     )
     del first
 

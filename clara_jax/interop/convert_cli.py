@@ -1,0 +1,108 @@
+"""`clara-jax convert`: move trained CLaRa models between clara-jax, PEFT and the official format."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """\
+Convert CLaRa models between formats. Exactly one direction per call.
+
+--to-peft MODEL_DIR
+    A clara-jax model directory (a run's WORKDIR/model) -> OUT/base (a transformers directory
+    with the extended vocabulary and the trained <MEM*> rows merged, plus the tokenizer) and one
+    PEFT LoRA adapter directory per role: OUT/compressor, OUT/query_reasoner, OUT/generator.
+    In PyTorch:  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("OUT/base"),
+                                           "OUT/generator")
+
+--from-official DIR --base BASE_DIR
+    An official apple/ml-clara checkpoint (config.json, adapters.pth,
+    decoder_first_last_layers.pth, tokenizer files) -> a clara-jax model directory that
+    `clara-jax eval/export` and `load_clara_model` read. BASE_DIR is the LOCAL transformers
+    directory of the base LLM the checkpoint was trained on (its config's decoder_model_name,
+    e.g. Mistral-7B-Instruct-v0.2). The .pth files are read with torch.load(weights_only=True):
+    anything but tensors is refused. All adapters in the file are loaded as saved
+    (encoder_adapter -> compressor, decoder_adapter -> generator, query_reasoner_adapter ->
+    query_reasoner); compr_rate and doc_max_length come from the checkpoint's config.json
+    (--compr-rate / --doc-max-length only assert them). The base is referenced, not copied,
+    when its rows equal the checkpoint's; otherwise (or with --copy-base) it is written to OUT/base.
+
+examples:
+  clara-jax convert --to-peft runs/s3/model --out runs/s3/peft
+  clara-jax convert --from-official ckpt/clara-7b-e2e/compression-16 \\
+      --base models/Mistral-7B-Instruct-v0.2 --out models/clara-e2e-cr16 --dtype bfloat16
+"""
+
+
+def _convert(args: argparse.Namespace) -> int:
+    try:
+        if args.to_peft:
+            from clara_jax.interop.peft import export_peft
+
+            for role, path in export_peft(args.to_peft, args.out).items():
+                print(f"{role:>15}: {path}")
+        else:
+            if not args.base:
+                print("clara-jax convert: error: --from-official needs --base BASE_DIR", file=sys.stderr)
+                return 2
+            from clara_jax.interop.official import convert_official
+
+            out = convert_official(
+                args.from_official,
+                args.base,
+                args.out,
+                tokenizer_dir=args.tokenizer,
+                dtype=args.dtype,
+                compression_rate=args.compr_rate,
+                doc_max_length=args.doc_max_length,
+                copy_base=args.copy_base,
+            )
+            print(f"wrote clara-jax model directory {out}")
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"clara-jax convert: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `clara-jax convert` on the CLI's sub-parsers."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert models: clara-jax -> PEFT adapters, official CLaRa checkpoint -> clara-jax",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
+    )
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--to-peft", metavar="MODEL_DIR", help="a clara-jax model directory to export")
+    mode.add_argument("--from-official", metavar="DIR", help="an official CLaRa checkpoint directory")
+    parser.add_argument("--out", required=True, help="output directory (created)")
+    parser.add_argument(
+        "--base", metavar="BASE_DIR", help="--from-official: local transformers directory of the base LLM"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        default=None,
+        help="--from-official: tokenizer directory if not the checkpoint's own (default: DIR)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="--from-official: parameter dtype of the written model, e.g. bfloat16 (default float32)",
+    )
+    parser.add_argument(
+        "--compr-rate", type=int, default=None, help="--from-official: assert the checkpoint's compr_rate"
+    )
+    parser.add_argument(
+        "--doc-max-length",
+        type=int,
+        default=None,
+        help="--from-official: assert the checkpoint's doc_max_length",
+    )
+    parser.add_argument(
+        "--copy-base",
+        action="store_true",
+        help="--from-official: write the base weights into OUT/base instead of referencing BASE_DIR",
+    )
+    parser.set_defaults(func=_convert)
+    return parser
