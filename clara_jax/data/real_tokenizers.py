@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from clara_jax.data.chat_templates import MISTRAL_CHAT_TEMPLATE
+
 # Bump when the conversion or a template changes, so stale cache directories are rebuilt.
 BUILD_VERSION = 1
 
@@ -27,35 +29,6 @@ BUILD_VERSION = 1
 MISTRAL_MODEL_FILE = "tokenizer.model.v1"
 MISTRAL_VOCAB_SIZE = 32000
 
-# The current HF Mistral-7B-Instruct-v0.2 template: the system message is folded into the first
-# [INST] as `system + "\n\n" + user`, giving `<s> [INST] {system}\n\n{user} [/INST] {answer}</s>`.
-MISTRAL_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set system_message = messages[0]['content'] %}"
-    "{%- set loop_messages = messages[1:] %}"
-    "{%- else %}"
-    "{%- set loop_messages = messages %}"
-    "{%- endif %}"
-    "{{- bos_token }}"
-    "{%- for message in loop_messages %}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{- raise_exception('After the optional system message, conversation roles must alternate "
-    "user/assistant/user/assistant/...') }}"
-    "{%- endif %}"
-    "{%- if message['role'] == 'user' %}"
-    "{%- if loop.first and system_message is defined %}"
-    "{{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
-    "{%- else %}"
-    "{{- ' [INST] ' + message['content'] + ' [/INST]' }}"
-    "{%- endif %}"
-    "{%- elif message['role'] == 'assistant' %}"
-    "{{- ' ' + message['content'] + eos_token }}"
-    "{%- else %}"
-    "{{- raise_exception('Only user and assistant roles are supported, with the exception of an "
-    "initial optional system message!') }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-)
 
 # Qwen2/2.5/3 share this BPE (151643 merges) and pre-tokenizer regex (single digits).
 QWEN_RANKS_FILE = "qwen.tiktoken"

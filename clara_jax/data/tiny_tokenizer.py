@@ -18,6 +18,7 @@ import itertools
 import os
 from pathlib import Path
 
+from clara_jax.data.chat_templates import MISTRAL_CHAT_TEMPLATE
 from clara_jax.data.prompts import PARAPHRASE_SYSTEM, PARAPHRASE_TEMPLATES, QA_SYSTEM, STANDARD_SYSTEM
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
@@ -25,37 +26,6 @@ TINY_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_t
 # Leaves room for the CLaRa tokens (up to 125 <MEM*> + <AE>, <ENC>, <SEP>) under the 512-row
 # vocabulary of the tiny test models.
 DEFAULT_VOCAB_SIZE = 384
-
-# Same behaviour as the Hugging Face chat template of Mistral-7B-Instruct-v0.2: an optional
-# leading system message is folded into the first user turn as "{system}\n\n{user}", there is no
-# generation prompt, and an assistant turn is " {answer}</s>".
-MISTRAL_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set system_message = messages[0]['content'] %}"
-    "{%- set loop_messages = messages[1:] %}"
-    "{%- else %}"
-    "{%- set loop_messages = messages %}"
-    "{%- endif %}"
-    "{{- bos_token }}"
-    "{%- for message in loop_messages %}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{- raise_exception('After the optional system message, conversation roles must alternate "
-    "user/assistant/user/assistant/...') }}"
-    "{%- endif %}"
-    "{%- if message['role'] == 'user' %}"
-    "{%- if loop.first and system_message is defined %}"
-    "{{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
-    "{%- else %}"
-    "{{- ' [INST] ' + message['content'] + ' [/INST]' }}"
-    "{%- endif %}"
-    "{%- elif message['role'] == 'assistant' %}"
-    "{{- ' ' + message['content'] + eos_token }}"
-    "{%- else %}"
-    "{{- raise_exception('Only user and assistant roles are supported, with the exception of an "
-    "initial optional system message!') }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-)
 
 # The exact CLaRa prompt texts, so the tiny BPE learns merges for what the model will really read.
 _SYSTEM_PROMPTS = (QA_SYSTEM, PARAPHRASE_SYSTEM, STANDARD_SYSTEM)
