@@ -20,6 +20,7 @@ import ml_collections
 
 from clara_jax.data.pipeline import BatchIterator, LayoutConfig, process_local
 from clara_jax.data.sources import read_records
+from clara_jax.interop.gguf import resolve_model_path
 from clara_jax.model.flops import forward_flops, lora_train_flops, measured_matmul_flops
 from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh
 from clara_jax.parallel.rules import parse_rules
@@ -264,7 +265,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
             built.tokenizer,
             built.clara,
             os.path.join(workdir, "model"),
-            base_path=os.path.abspath(config.model.path) if config.model.path else "",
+            base_path=os.path.abspath(resolve_model_path(config.model.path)) if config.model.path else "",
             run_config=config.to_dict(),
         )
     if batches.stats.docs_truncated:
