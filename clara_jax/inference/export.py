@@ -350,8 +350,15 @@ def export_corpus(
 
 
 def _export_cmd(args: argparse.Namespace) -> int:
+    from clara_jax.parallel.distributed import (
+        DistributedError,
+        distributed_config_from_args,
+        initialize_distributed,
+    )
+
     t0 = time.perf_counter()
     try:
+        initialize_distributed(distributed_config_from_args(args))  # before any device is touched
         manifest = export_corpus(
             args.model,
             args.corpus,
@@ -361,7 +368,7 @@ def _export_cmd(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, DistributedError) as exc:
         print(f"clara-jax export: error: {exc}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - t0
@@ -400,5 +407,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--shard-size", type=int, default=4096, help="documents per shard (default 4096)")
     parser.add_argument("--batch-size", type=int, default=32, help="documents per model call (default 32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in log files)")
+    from clara_jax.parallel.distributed import add_multihost_arguments
+
+    add_multihost_arguments(parser)
     parser.set_defaults(func=_export_cmd)
     return parser

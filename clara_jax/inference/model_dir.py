@@ -9,6 +9,10 @@
 
 The base weights are referenced, not copied, when the run read them from a local directory
 (a 7B base is 14 GB); `load_clara_model` checks the base still matches the saved shapes.
+
+In a multi-process run the trained arrays are spread over several hosts: every process calls
+`save_clara_model` (each array is gathered with all processes taking part) and only the one
+with `write=True` (process 0 by default) touches the directory.
 """
 
 from __future__ import annotations
@@ -33,6 +37,30 @@ from clara_jax.model.vocab import extend_vocabulary
 FORMAT_VERSION = 1
 
 
+def _host(x, dtype=np.float32) -> np.ndarray:
+    """A numpy copy of a (possibly multi-host) array; collective when it spans processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x, dtype)
+
+
+def _gather_model(model: Decoder) -> None:
+    """Replace every array of `model` that spans processes by a local copy (for `save_decoder`)."""
+
+    def local(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(local(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return jnp.asarray(_host(x, x.dtype))
+
+    state = nnx.state(model)
+    if not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(state)):
+        nnx.update(model, jax.tree.map(local, state))
+
+
 def save_clara_model(
     model: Decoder,
     tokenizer,
@@ -41,10 +69,15 @@ def save_clara_model(
     *,
     base_path: str = "",
     run_config: dict | None = None,
+    write: bool | None = None,
 ) -> str:
+    """Write the model directory; `write` (default: this is process 0) is False on the other
+    processes of a multi-process run, which only take part in gathering the arrays."""
     from safetensors.numpy import save_file
 
-    os.makedirs(out_dir, exist_ok=True)
+    write = jax.process_index() == 0 if write is None else write
+    if write:
+        os.makedirs(out_dir, exist_ok=True)
     factors, lora_configs = {}, {}
     for role, adapter in model.adapters.items():
         lora_configs[role] = {
@@ -54,17 +87,21 @@ def save_clara_model(
             "target_modules": adapter.lora_config.target_modules,
         }
         for target, f in adapter.factors.items():
-            factors[f"{role}/{target}/a"] = np.asarray(f["a"][...], np.float32)
-            factors[f"{role}/{target}/b"] = np.asarray(f["b"][...], np.float32)
-    save_file(factors, os.path.join(out_dir, "adapters.safetensors"))
+            factors[f"{role}/{target}/a"] = _host(f["a"][...])
+            factors[f"{role}/{target}/b"] = _host(f["b"][...])
     first_new = tokenizer.base_vocab_size  # rows the vocabulary extension added (never in a base checkpoint)
     rows = {
-        "rows": np.asarray(model.embed_rows[...], np.float32),
+        "rows": _host(model.embed_rows[...]),
         "token_ids": np.asarray(model.trainable_token_ids, np.int64),
-        "added_embed": np.asarray(model.merged_embedding()[first_new:], np.float32),
+        "added_embed": _host(model.merged_embedding()[first_new:]),
     }
     if model.lm_head is not None:
-        rows["added_lm_head"] = np.asarray(model.lm_head[...][first_new:], np.float32)
+        rows["added_lm_head"] = _host(model.lm_head[...][first_new:])
+    if not base_path:
+        _gather_model(model)  # a random-init base is copied: every process helps gather it
+    if not write:
+        return out_dir
+    save_file(factors, os.path.join(out_dir, "adapters.safetensors"))
     save_file(rows, os.path.join(out_dir, "embed_rows.safetensors"))
     if not base_path:
         base_path = "base"

@@ -121,11 +121,19 @@ def _parse_spec(spec: str) -> AxisSizes:
 
 
 def _granules(devices: Sequence) -> tuple[int, bool]:
-    """Number of DCN granules and whether they are processes: TPU slices when devices know
-    their slice, else hosts (multi-node GPU)."""
-    if hasattr(devices[0], "slice_index"):
-        return len({d.slice_index for d in devices}), False
+    """Number of DCN granules and whether they are processes: TPU slices when the devices span
+    several slices, else hosts (multi-node GPU, or CPU processes, whose devices all report
+    slice 0)."""
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) > 1:
+        return len(slices), False
     return len({d.process_index for d in devices}), True
+
+
+def num_slices(devices: Sequence | None = None) -> int:
+    """How many TPU slices the devices span (1 off TPU pods of several slices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return len({getattr(d, "slice_index", 0) for d in devices})
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:

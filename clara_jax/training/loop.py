@@ -3,6 +3,13 @@
 Host work overlaps device work: a step's metrics are fetched while the next step runs, so the
 loop never blocks on the loss it just dispatched (except at checkpoints, where the state about
 to be saved must be known finite).
+
+Multi-process runs (see clara_jax/parallel/distributed.py): every process runs this same loop
+on one mesh over all devices, builds the same global batch and keeps its own devices' rows,
+and takes part in every checkpoint and in gathering the final model; only process 0 writes
+metrics, TensorBoard events, plots, config.json and WORKDIR/model. A preemption notice
+(SIGTERM) to any process is turned into one agreed step by JAX's preemption sync service, at
+which all processes save and stop together.
 """
 
 from __future__ import annotations
@@ -17,12 +24,15 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
-from clara_jax.data.pipeline import BatchIterator, LayoutConfig, process_local
+from clara_jax.data.pipeline import BatchIterator, LayoutConfig
 from clara_jax.data.sources import read_records
 from clara_jax.interop.gguf import resolve_model_path
 from clara_jax.model.flops import forward_flops, lora_train_flops, measured_matmul_flops
-from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh
+from clara_jax.parallel.distributed import barrier
+from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh, num_slices
 from clara_jax.parallel.rules import parse_rules
 from clara_jax.training.build import build_model, init_from_previous_stage, optimizer_config
 from clara_jax.training.checkpoint import Checkpointer, abstract_like
@@ -48,30 +58,62 @@ class RunSummary:
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT (e.g. TPU preemption) ask the loop to save and exit at the next step."""
+    """SIGTERM / SIGINT (e.g. TPU preemption) ask the loop to save and exit at the next step.
+
+    With several processes, the processes must stop at the same step: SIGTERM is left to JAX's
+    preemption sync service (which agrees on a step with the others, see `should_stop`), and
+    SIGINT is forwarded to it as a SIGTERM.
+    """
 
     def __init__(self):
         self.signal = None
         self._previous = {}
+        self._multiprocess = jax.process_count() > 1
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGINT,) if self._multiprocess else (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
+        if self._multiprocess:
+            signal.raise_signal(signal.SIGTERM)  # JAX's preemption notifier spreads it to every process
+        else:
+            self.signal = signal.Signals(signum).name
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and exit after `step` (called at every step, on every process)."""
+        if self._multiprocess and _reached_preemption_sync_point(step):
+            self.signal = self.signal or "SIGTERM"
+        return self.signal is not None
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
+def _reached_preemption_sync_point(step: int) -> bool:
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the preemption service is disabled (jax_enable_preemption_service=False)
+        return False
+
+
 def _global_batch(arrays: dict, shardings: dict) -> dict:
-    local = process_local(arrays, jax.process_index(), jax.process_count())
+    """Every process holds the whole global batch on the host; each device takes its own slice
+    (right for any device order, including hybrid DCN meshes)."""
     return {
-        k: jax.make_array_from_process_local_data(shardings[k], v, arrays[k].shape) for k, v in local.items()
+        k: jax.make_array_from_callback(v.shape, shardings[k], lambda index, v=v: v[index])
+        for k, v in arrays.items()
     }
+
+
+def _mesh_config(config, dcn_mesh: str) -> MeshConfig:
+    """`config.mesh` within a slice; across TPU slices `dcn_mesh`, by default data-parallel."""
+    if not dcn_mesh and num_slices() > 1:
+        dcn_mesh = "data=-1"  # replicas across slices: only the gradient all-reduce crosses DCN
+    return MeshConfig.from_spec(config.mesh, dcn_mesh)
 
 
 def layout_config(config) -> LayoutConfig:
@@ -106,12 +148,26 @@ def _finite(metrics: dict) -> bool:
     return all(math.isfinite(float(v)) for v in metrics.values())
 
 
-def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> RunSummary:
+def run_training(
+    config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, dcn_mesh: str = ""
+) -> RunSummary:
+    """Train one stage in `workdir` (resuming from its newest checkpoint).
+
+    `dcn_mesh` (e.g. "data=2") gives the mesh axes that span slices or, off TPUs, processes;
+    the mesh size of an axis is its `config.mesh` size times its DCN size.
+    """
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(MeshConfig.from_spec(config.mesh))
-    log.info("%s: %s on mesh %s", workdir, config.stage, describe(mesh))
+    mesh = make_mesh(_mesh_config(config, dcn_mesh))
+    log.info(
+        "%s: %s on mesh %s, process %d of %d",
+        workdir,
+        config.stage,
+        describe(mesh),
+        jax.process_index(),
+        jax.process_count(),
+    )
 
     built = build_model(config)
     init_info = init_from_previous_stage(built, config, config.init_from) if config.init_from else None
@@ -167,6 +223,11 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
         start_step, state, data_state, _ = restored
         batches.restore(data_state)
         log.info("resumed from %s step %d", ckpt.directory, start_step)
+    if jax.process_count() > 1:  # e.g. a checkpoint one host could read and another could not
+        multihost_utils.assert_equal(
+            np.int32(start_step if restored is not None else -1),
+            "processes resumed from different checkpoints (-1: none)",
+        )
     meta = {
         "config": config.to_dict(),
         "init_from": init_info,
@@ -239,12 +300,13 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
                 pending = (step, metrics, now - tick, flops, tokens)
                 tick = now
                 bar.update(1)
-                if step % config.checkpoint.every_steps == 0 or step == total_steps or stop.signal:
+                stopping = stop.should_stop(step)
+                if step % config.checkpoint.every_steps == 0 or step == total_steps or stopping:
                     flush(pending)  # never checkpoint a state whose loss is not finite
                     pending = None
-                    ckpt.save(step, state, batches.state(), meta, wait=bool(stop.signal))
+                    ckpt.save(step, state, batches.state(), meta, wait=stopping)
                     last_good = step
-                if stop.signal:
+                if stopping:
                     preempted = True
                     log.warning("%s received: saved step %d, exiting", stop.signal, step)
                     break
@@ -257,9 +319,10 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
 
     plots = plot_history(workdir) if (is_main and config.plot and not preempted) else []
     trainer.state = state
-    if is_main and not preempted and step >= total_steps:  # the finished model, for inference and export
+    if not preempted and step >= total_steps:  # the finished model, for inference and export
         from clara_jax.inference.model_dir import save_clara_model
 
+        # every process takes part (the arrays may live on several hosts); process 0 writes
         save_clara_model(
             trainer.model(),
             built.tokenizer,
@@ -267,7 +330,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, progress: b
             os.path.join(workdir, "model"),
             base_path=os.path.abspath(resolve_model_path(config.model.path)) if config.model.path else "",
             run_config=config.to_dict(),
+            write=is_main,
         )
+    barrier("run_training end")  # nobody returns before process 0 has finished writing
     if batches.stats.docs_truncated:
         log.info(
             "documents truncated to doc_max_length: %d of %d",

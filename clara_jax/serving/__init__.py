@@ -1,0 +1,1 @@
+"""`clara-jax serve`: an OpenAI-compatible chat server and a CLaRa answer endpoint (FastAPI + uvicorn)."""
