@@ -6,8 +6,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -21,17 +19,12 @@ from clara_jax.inference.chat import ChatResult
 from clara_jax.inference.export import export_corpus
 from clara_jax.serving.app import create_app
 from clara_jax.serving.batching import BatchingWorker, ServerBusy, ShuttingDown
+from tests.server_process import free_port, running_server
 from tests.test_export_index import _corpus_records, _save_model, _write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_TOKENS, MAX_BYTES = 64, 20_000
 QUESTIONS = ["Where does Mava 0 live?", "What does Sumi keep?", "When was Teme born?"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _chat_body(content="Hello there", **kw):
@@ -51,37 +44,14 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(assets):
-    port = _free_port()
+    port = free_port()
     log_path = assets["root"] / "server.log"
     cmd = [sys.executable, "-m", "clara_jax.cli", "serve", "--model", "tiny", "--port", str(port)]
     cmd += ["--clara-model", assets["model"], "--index", assets["index"], "--max-tokens", str(MAX_TOKENS)]
     cmd += ["--max-request-bytes", str(MAX_BYTES), "--batch-size", "8", "--max-concurrency", "32"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy within 120 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
+    with running_server(cmd, port, env, log_path, timeout=120) as (url, proc):
         yield dict(url=url, proc=proc, log=log_path)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _assert_error(response, status, *, param=None, code=None, says=None):

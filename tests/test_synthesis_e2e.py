@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from clara_jax.data.sources import read_records
+from tests.server_process import free_port, running_server
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "clara_pretrain_sample.jsonl"
@@ -94,14 +92,8 @@ def _check(report: dict, out: Path) -> None:
     assert sorted(e["doc"] for e in ledger) == [0, 1, 2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_remote_backend_against_clara_jax_serve(corpus, tmp_path):
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "server.log"
     cmd = [
         sys.executable,
@@ -114,33 +106,11 @@ def test_remote_backend_against_clara_jax_serve(corpus, tmp_path):
         str(port),
         "--no-access-log",
     ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy within 180 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
+    with running_server(cmd, port, _env(), log_path, timeout=180) as (url, _):
         out = tmp_path / "remote"
         report = _synthesize(corpus, out, "--backend", "remote", "--base-url", url, "--concurrency", "8")
         assert report["backend"] == "remote:tiny"
         _check(report, out)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_local_backend_with_the_tiny_model(corpus, tmp_path):

