@@ -1,29 +1,43 @@
 """The HTTP application: OpenAI-compatible chat completions and a CLaRa answer endpoint.
 
-    GET  /health                 status, model ids, queue counters (503 while shutting down)
+    GET  /health                 status, model names, queue counters (503 while shutting down)
     GET  /v1/models              the chat model, OpenAI's list format (and /v1/models/{id})
     POST /v1/chat/completions    OpenAI schema, n=1, stream=false
     POST /v1/clara/answer        {question, k?, max_tokens?} -> {answer, documents: [{id, score}]}
 
-Every request is validated before it is queued (errors are OpenAI-style bodies with 400, 404,
-413, 429 or 503), then handed to one BatchingWorker that groups concurrent requests into the
-model's fixed batch and runs them off the event loop.
+Every error is an OpenAI-style body {"error": {message, type, param, code}}. A request passes, in
+this order, checks that cost nothing before the ones that cost work:
+
+1. the Host header is on the allow-list (400; defeats DNS rebinding against a local server);
+2. the bearer key, when the server has one (401; every route but /health);
+3. Content-Type: application/json and a declared Content-Length within the limit (415, 413);
+4. admission: at most `max_concurrency` requests past this point (429) - before the body is read;
+5. then, under the request's deadline (504): the body (413 while streaming), JSON and field
+   checks (400), a character cap on the prompt, and only then the chat template and tokenizer
+   (400 for a prompt beyond the context), and the model, through one BatchingWorker that groups
+   concurrent requests into the model's fixed batch and runs them off the event loop.
+Anything unexpected is a 500 in the same shape, never a plain-text traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from clara_jax.data.pipeline import bucket_length
 from clara_jax.inference.chat import NEW_TOKEN_BUCKET, ChatModel
+from clara_jax.serving import LOOPBACK_HOSTS
 from clara_jax.serving.batching import BatchingWorker, ServerBusy, ShuttingDown
 from clara_jax.serving.clara_backend import ClaraBackend
 from clara_jax.serving.validation import (
@@ -35,24 +49,172 @@ from clara_jax.serving.validation import (
 )
 
 DEFAULT_ANSWER_TOKENS = 64
+DEFAULT_REQUEST_TIMEOUT = 300.0
+# Without --max-prompt-chars, a prompt may have 8 characters per token of the model's context
+# (English averages about 4); more cannot fit, so it is refused before the tokenizer runs.
+CHARS_PER_CONTEXT_TOKEN = 8
+OPEN_PATHS = frozenset({"/health"})  # the only route that needs no key
+
+
+def _error_response(exc: RequestError, headers: dict | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if exc.status in (429, 503):
+        headers["Retry-After"] = "1"
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers or None)
+
+
+def _host_name(value: str | None) -> str | None:
+    """The host part of a Host header (IPv6 literals keep their brackets), lower-cased; None if malformed."""
+    if not value:
+        return None
+    if value.startswith("["):
+        end = value.find("]")
+        host, rest = value[: end + 1], value[end + 1 :]
+        if end < 0 or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            return None
+    else:
+        host, colon, port = value.partition(":")
+        if not host or (colon and not port.isdigit()):
+            return None
+    return host.lower()
+
+
+class HostAllowList(TrustedHostMiddleware):
+    """starlette's TrustedHostMiddleware, refusing in OpenAI's error shape; the parent's own check
+    still runs after this one (and answers in plain text should the two ever disagree)."""
+
+    def __init__(self, app, allowed_hosts: Sequence[str]):
+        super().__init__(app, allowed_hosts=list(allowed_hosts), www_redirect=False)
+
+    def _allowed(self, host: str) -> bool:
+        return any(host == p or (p.startswith("*") and host.endswith(p[1:])) for p in self.allowed_hosts)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not self.allow_any:
+            raw = Headers(scope=scope).get("host")
+            host = _host_name(raw)
+            if host is None or not self._allowed(host):
+                shown = "no Host header" if raw is None else f"the Host {raw[:100]!r}"
+                message = (
+                    f"{shown} is not one this server answers to; add it with --allowed-hosts "
+                    "if clients reach the server under that name"
+                )
+                await _error_response(RequestError(400, message, code="invalid_host"))(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+class BearerAuth:
+    """`Authorization: Bearer <key>` on every path but /health, compared in constant time; 401
+    otherwise. The key lives only in this object: it is never logged or echoed."""
+
+    def __init__(self, app, key: str):
+        if not key:
+            raise ValueError("the API key is empty")
+        self.app, self._key = app, key.encode("utf-8")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = Headers(scope=scope).get("authorization")
+        scheme, _, token = (header or "").strip().partition(" ")
+        if header is None or scheme.lower() != "bearer" or not token.strip():
+            message = (
+                "no API key was provided; send it as an 'Authorization: Bearer <key>' header"
+                if header is None
+                else "the Authorization header is not 'Bearer <key>'"
+            )
+        elif secrets.compare_digest(token.strip().encode("latin-1"), self._key):
+            await self.app(scope, receive, send)
+            return
+        else:
+            message = "incorrect API key provided"
+        error = RequestError(401, message, code="invalid_api_key")
+        headers = {"WWW-Authenticate": 'Bearer realm="clara-jax"'}
+        await _error_response(error, headers)(scope, receive, send)
+
+
+class Admission:
+    """At most `limit` requests past the door at once: the next one gets 429 at once, before its
+    body is read, its JSON parsed or its prompt tokenized. One event loop: no lock needed."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
+
+    @contextlib.contextmanager
+    def slot(self):
+        if self.count >= self.limit:
+            raise RequestError(
+                429,
+                f"the server is busy: {self.count} requests are already in flight (the limit is "
+                f"{self.limit}); retry later",
+                type="rate_limit_error",
+                code="server_busy",
+            )
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+
+@contextlib.asynccontextmanager
+async def deadline(seconds: float):
+    """Raise a 504 RequestError if the block takes longer than `seconds`. What the block awaits is
+    cancelled: a request still queued for the model is dropped from the queue; a batch already on
+    the device runs to its end (it cannot be interrupted) and its result for this request is dropped."""
+    scope = asyncio.timeout(seconds)
+    try:
+        async with scope:
+            yield
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        raise RequestError(
+            504,
+            f"the request did not finish within the server's deadline of {seconds:g} s; "
+            "retry later or ask for fewer tokens",
+            type="timeout_error",
+            code="request_timeout",
+        ) from None
+
+
+def _require_json(request: Request, limit: int) -> None:
+    """Header checks that cost nothing: JSON content type, and a declared length within `limit`.
+    Without the first, a browser page could POST here cross-site (text/plain needs no preflight)."""
+    ctype = request.headers.get("content-type")
+    if ctype is None or ctype.split(";", 1)[0].strip().lower() != "application/json":
+        shown = "no Content-Type" if ctype is None else f"Content-Type {ctype[:80]!r}"
+        raise RequestError(
+            415,
+            f"expected a JSON body with 'Content-Type: application/json', got {shown}",
+            code="unsupported_media_type",
+        )
+    _check_declared_length(request, limit)
+
+
+def _check_declared_length(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit() or len(declared) > 18:
+            raise RequestError(400, f"invalid Content-Length header {declared[:40]!r}")
+        if int(declared) > limit:
+            raise _too_large(limit)
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed `limit` bytes (declared or streamed)."""
-    declared = request.headers.get("content-length")
-    too_large = RequestError(
-        413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large"
-    )
-    if declared is not None:
-        if not declared.isdigit():
-            raise RequestError(400, f"invalid Content-Length header {declared!r}")
-        if int(declared) > limit:
-            raise too_large
+    _check_declared_length(request, limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -97,6 +259,17 @@ def _count_prompt(model: ChatModel, messages: list[dict]) -> int:
         ) from None
 
 
+def _check_chars(n_chars: int, limit: int, param: str) -> None:
+    if n_chars > limit:
+        raise RequestError(
+            400,
+            f"'{param}' has {n_chars} characters, more than this server's limit of {limit} "
+            "(--max-prompt-chars); shorten it",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
 async def _submit(worker: BatchingWorker, kind: str, key, payload):
     try:
         return await worker.submit(kind, key, payload)
@@ -110,11 +283,6 @@ async def _submit(worker: BatchingWorker, kind: str, key, payload):
         raise RequestError(400, str(exc)) from None
 
 
-def _error_response(exc: RequestError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
-
-
 def create_app(
     chat_model: ChatModel | None = None,
     clara: ClaraBackend | None = None,
@@ -124,29 +292,49 @@ def create_app(
     max_tokens: int = 512,
     default_max_tokens: int | None = None,
     drain_seconds: float = 5.0,
+    api_key: str | None = None,
+    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    max_prompt_chars: int | None = None,
 ) -> FastAPI:
     """The FastAPI app for a chat model, a CLaRa backend, or both.
 
-    max_concurrency bounds requests in flight (queued + running; more get 429), max_request_bytes
-    the body size (413), max_tokens the new tokens a request may ask for (400 beyond).
+    max_concurrency bounds requests in flight (admitted before their body is read; more get 429),
+    max_request_bytes the body size (413), max_tokens the new tokens a request may ask for (400
+    beyond), request_timeout each request's time from admission to answer (504 beyond).
+    api_key: require `Authorization: Bearer <api_key>` on every route but /health (None: no key).
+    allowed_hosts: Host header names accepted ("*.example.com" patterns; "*" accepts any).
+    max_prompt_chars: the most characters a chat prompt (all message contents) or a CLaRa
+    question may have, checked before the tokenizer runs (None: 8 per token of the model's context).
     """
     if chat_model is None and clara is None:
         raise ValueError("create_app needs a chat model, a CLaRa backend, or both")
-    if max_tokens < 1 or max_request_bytes < 1:
+    if max_tokens < 1 or max_request_bytes < 1 or max_concurrency < 1:
         raise ValueError(
-            f"max_tokens and max_request_bytes must be >= 1, got {max_tokens}, {max_request_bytes}"
+            "max_tokens, max_request_bytes and max_concurrency must be >= 1, got "
+            f"{max_tokens}, {max_request_bytes}, {max_concurrency}"
         )
+    if not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
+    if api_key is not None and not api_key:
+        raise ValueError("api_key is empty; pass None for a server without a key")
+    if max_prompt_chars is not None and max_prompt_chars < 1:
+        raise ValueError(f"max_prompt_chars must be >= 1, got {max_prompt_chars}")
     default_max_tokens = min(default_max_tokens or max_tokens, max_tokens)
     runners, max_batch = {}, {}
+    chat_chars = clara_chars = max_prompt_chars
     if chat_model is not None:
         runners["chat"] = lambda requests: _run_chat(chat_model, requests)
         max_batch["chat"] = chat_model.batch_size
+        chat_chars = max_prompt_chars or CHARS_PER_CONTEXT_TOKEN * chat_model.max_context
     if clara is not None:
         runners["clara"] = lambda requests: clara.answer(
             [r.question for r in requests], k=requests[0].k, max_new_tokens=requests[0].max_tokens
         )
         max_batch["clara"] = clara.inference.batch_size
+        clara_chars = max_prompt_chars or CHARS_PER_CONTEXT_TOKEN * clara.max_context
     worker = BatchingWorker(runners, max_batch=max_batch, max_pending=max_concurrency)
+    admission = Admission(max_concurrency)
     started = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -156,9 +344,15 @@ def create_app(
         app.state.shutting_down = True
         await worker.stop(drain_seconds)
 
-    app = FastAPI(title="clara-jax", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No /docs, /redoc or /openapi.json: the schema is OpenAI's, and the server lists nothing else.
+    app = FastAPI(title="clara-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
+    app.state.admission = admission
     app.state.shutting_down = False
+    # Added last = runs first: the Host check, then the key, then the routes.
+    if api_key is not None:
+        app.add_middleware(BearerAuth, key=api_key)
+    app.add_middleware(HostAllowList, allowed_hosts=allowed_hosts)
 
     def check_open():
         if app.state.shutting_down:
@@ -172,8 +366,15 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        message = f"{request.method} {request.url.path}: {exc.detail}"
+        message = f"{request.method} {request.url.path[:200]}: {exc.detail}"
         return _error_response(RequestError(exc.status_code, message))
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception):
+        # starlette logs the traceback after this; the client learns nothing of the internals
+        return _error_response(
+            RequestError(500, "the server failed to answer this request", type="server_error", code=None)
+        )
 
     @app.get("/health")
     async def health():
@@ -182,8 +383,8 @@ def create_app(
             "models": [chat_model.name] if chat_model is not None else [],
             "clara": None
             if clara is None
-            else {"model": clara.name, "index": clara.index_dir, "documents": clara.n_documents},
-            "queue": worker.stats(),
+            else {"model": clara.name, "index": clara.index_name, "documents": clara.n_documents},
+            "queue": {"admitted": admission.count, **worker.stats()},
         }
         return JSONResponse(body, status_code=503 if app.state.shutting_down else 200)
 
@@ -198,14 +399,23 @@ def create_app(
     async def get_model(model_id: str):
         if chat_model is None or model_id != chat_model.name:
             raise RequestError(
-                404, f"the model '{model_id}' does not exist here", param="model", code="model_not_found"
+                404,
+                f"the model '{model_id[:200]}' does not exist here",
+                param="model",
+                code="model_not_found",
             )
         return model_card(chat_model)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def admitted(request: Request, handle):
+        """The cheap header checks, then a slot, then `handle(body)` under the request's deadline."""
         check_open()
-        obj = parse_json_object(await read_body(request, max_request_bytes))
+        _require_json(request, max_request_bytes)
+        with admission.slot():
+            async with deadline(request_timeout):
+                return await handle(await read_body(request, max_request_bytes))
+
+    async def chat(body: bytes):
+        obj = parse_json_object(body)
         if chat_model is None:
             raise RequestError(
                 404, "this server has no chat model (start it with --model)", code="model_not_found"
@@ -213,6 +423,7 @@ def create_app(
         req = parse_chat_request(
             obj, model_names=[chat_model.name], max_tokens=max_tokens, default_max_tokens=default_max_tokens
         )
+        _check_chars(sum(len(m["content"]) for m in req.messages), chat_chars, "messages")
         prompt_tokens = await run_in_threadpool(_count_prompt, chat_model, req.messages)
         if prompt_tokens + req.max_tokens > chat_model.max_context:
             raise RequestError(
@@ -244,10 +455,8 @@ def create_app(
             },
         }
 
-    @app.post("/v1/clara/answer")
-    async def clara_answer(request: Request):
-        check_open()
-        obj = parse_json_object(await read_body(request, max_request_bytes))
+    async def answer(body: bytes):
+        obj = parse_json_object(body)
         if clara is None:
             raise RequestError(
                 404, "this server has no CLaRa model (start it with --clara-model and --index)"
@@ -259,6 +468,7 @@ def create_app(
             max_tokens=max_tokens,
             default_max_tokens=min(DEFAULT_ANSWER_TOKENS, max_tokens),
         )
+        _check_chars(len(req.question), clara_chars, "question")
         result = await _submit(worker, "clara", (req.k, req.max_tokens), req)
         return {
             "id": f"clara-{uuid.uuid4().hex}",
@@ -272,5 +482,13 @@ def create_app(
                 for r, (doc_id, score) in enumerate(zip(result.ids, result.scores), start=1)
             ],
         }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await admitted(request, chat)
+
+    @app.post("/v1/clara/answer")
+    async def clara_answer(request: Request):
+        return await admitted(request, answer)
 
     return app

@@ -33,6 +33,16 @@ class ClaraBackend:
         return len(self.index)
 
     @property
+    def index_name(self) -> str:
+        """The index directory's name, what /health shows (never the path)."""
+        return os.path.basename(os.path.normpath(self.index_dir))
+
+    @property
+    def max_context(self) -> int:
+        """The generator's context in tokens."""
+        return int(self.inference.model.config.max_position_embeddings)
+
+    @property
     def default_k(self) -> int:
         return self.inference.clara.top_k
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Sequence
 
 # System-like roles: "developer" is what newer OpenAI clients send instead of "system".
@@ -47,21 +48,90 @@ class RequestError(Exception):
 
 
 def parse_json_object(body: bytes) -> dict:
-    """The body as a JSON object, or a 400 saying why not."""
+    """The body as a JSON object, or a 400 saying why not.
+
+    Also refused with 400, where json.loads alone would raise something else: an integer over
+    Python's digit limit (4,300), nesting deeper than the interpreter's recursion limit, and any
+    string holding a lone UTF-16 surrogate ("\\ud800"), which no tokenizer or UTF-8 encoder accepts.
+    """
     if not body.strip():
         raise RequestError(400, "the request body is empty; expected a JSON object", code="invalid_json")
     try:
         obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        raise RequestError(
-            400, f"the request body is not valid JSON ({reason}{where})", code="invalid_json"
-        ) from None
+    except json.JSONDecodeError as exc:
+        reason = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise _not_json(reason) from None
+    except UnicodeDecodeError:
+        raise _not_json("not UTF-8") from None
+    except ValueError as exc:  # int(): "Exceeds the limit (4300 digits) for integer string conversion"
+        digits = sys.get_int_max_str_digits()
+        reason = f"a number has more than {digits} digits" if "digits" in str(exc) else "a bad value"
+        raise _not_json(reason) from None
+    except RecursionError:
+        raise _not_json("nested too deeply") from None
     if not isinstance(obj, dict):
-        kind = _JSON_KINDS.get(type(obj), type(obj).__name__)
-        raise RequestError(400, f"expected a JSON object, got a JSON {kind}", code="invalid_json")
+        raise RequestError(400, f"expected a JSON object, got a JSON {_kind(obj)}", code="invalid_json")
+    _check_strings(obj)
     return obj
+
+
+def _not_json(reason: str) -> RequestError:
+    return RequestError(400, f"the request body is not valid JSON ({reason})", code="invalid_json")
+
+
+def _kind(value) -> str:
+    return "object" if isinstance(value, dict) else _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _brief(value) -> str:
+    """A short rendering of a JSON value for an error message (never the whole of a large one)."""
+    if isinstance(value, dict | list):
+        return f"a JSON {_kind(value)}"
+    if isinstance(value, str):
+        return json.dumps(value[:40]) + ("..." if len(value) > 40 else "")
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def _is_text(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from the JSON escape "\\ud800"
+        return False
+    return True
+
+
+def _check_strings(obj) -> None:
+    """Refuse a lone surrogate in any key or string value, naming where. No recursion (any depth
+    json.loads accepted is fine), and a path is only spelled out for the error."""
+    stack = [(obj, None)]
+    while stack:
+        value, path = stack.pop()
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(key, str) and not _is_text(key):
+                raise _surrogate((path, key))
+            if isinstance(item, str):
+                if not _is_text(item):
+                    raise _surrogate((path, key))
+            elif isinstance(item, dict | list):
+                stack.append((item, (path, key)))
+
+
+def _surrogate(path) -> RequestError:
+    parts = []
+    while path is not None:
+        path, key = path
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    where = "".join(reversed(parts)).lstrip(".")
+    where = where.encode("utf-8", "backslashreplace").decode("ascii", "replace")[:100]
+    return RequestError(
+        400,
+        f"'{where}' holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text; send valid Unicode",
+        param=where,
+        code="invalid_json",
+    )
 
 
 def _required(obj: dict, field: str):
@@ -75,10 +145,13 @@ def _integer(obj: dict, field: str, default: int | None, low: int, high: int) ->
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(400, f"'{field}' must be an integer, got {json.dumps(value)[:40]}", param=field)
+        raise RequestError(400, f"'{field}' must be an integer, got {_brief(value)}", param=field)
     if not low <= value <= high:
         raise RequestError(
-            400, f"'{field}' must be between {low} and {high}, got {value}", param=field, code="invalid_value"
+            400,
+            f"'{field}' must be between {low} and {high}, got {_brief(value)}",
+            param=field,
+            code="invalid_value",
         )
     return value
 
@@ -88,9 +161,7 @@ def _number(obj: dict, field: str, default: float, low: float, high: float, *, o
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RequestError(
-            400, f"'{field}' must be a finite number, got {json.dumps(value)[:40]}", param=field
-        )
+        raise RequestError(400, f"'{field}' must be a finite number, got {_brief(value)}", param=field)
     if (value <= low if open_low else value < low) or value > high:
         bound = "(" if open_low else "["
         raise RequestError(
@@ -130,10 +201,10 @@ def parse_messages(value) -> list[dict]:
         if not isinstance(msg, dict):
             raise RequestError(400, f"'{where}' must be an object with 'role' and 'content'", param=where)
         role = msg.get("role")
-        if role not in _ROLE_ALIASES:
+        if not isinstance(role, str) or role not in _ROLE_ALIASES:
             raise RequestError(
                 400,
-                f"'{where}.role' must be one of {sorted(_ROLE_ALIASES)}, got {json.dumps(role)[:40]}",
+                f"'{where}.role' must be one of {sorted(_ROLE_ALIASES)}, got {_brief(role)}",
                 param=f"{where}.role",
             )
         if msg.get("content") is None:
