@@ -184,7 +184,9 @@ def test_peft_keys_are_peft_spelling(clara_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- (b) official in
 def _official_checkpoint(root):
-    """A tiny official-layout checkpoint built the way modeling_clara.py builds and saves one.
+    """A tiny checkpoint in the released layout (tokenizer saved beside the adapters), assembled here
+    with transformers + PEFT; checkpoints written by the official code itself are tested in
+    test_convert_official_code.py.
 
     Base: a perturbed Mistral-like model (vocab 384 = the tiny tokenizer) saved to BASE. The CLaRa
     model: resized by n_mem+3 rows, three adapters added with transformers' PEFT integration
@@ -239,6 +241,7 @@ def _official_checkpoint(root):
             lora=True,
             lora_r=4,
             different_mem_tokens=True,
+            sep=True,
             optimize_mem_tokens=True,
             training_stage="stage2",
             generation_top_k=2,

@@ -16,16 +16,25 @@ Convert CLaRa models between formats. Exactly one direction per call.
                                            "OUT/generator")
 
 --from-official DIR --base BASE_DIR
-    An official apple/ml-clara checkpoint (config.json, adapters.pth,
-    decoder_first_last_layers.pth, tokenizer files) -> a clara-jax model directory that
-    `clara-jax eval/export` and `load_clara_model` read. BASE_DIR is the LOCAL transformers
-    directory of the base LLM the checkpoint was trained on (its config's decoder_model_name,
-    e.g. Mistral-7B-Instruct-v0.2). The .pth files are read with torch.load(weights_only=True):
-    anything but tensors is refused. All adapters in the file are loaded as saved
+    An official apple/ml-clara checkpoint -> a clara-jax model directory that
+    `clara-jax eval/export` and `load_clara_model` read. Both official layouts convert: what the
+    official trainer's save_pretrained writes (config.json, adapters.pth,
+    decoder_first_last_layers.pth, no tokenizer) and the released checkpoints (the same plus
+    tokenizer files). BASE_DIR is the LOCAL transformers directory of the base LLM the
+    checkpoint was trained on (its config's decoder_model_name, e.g. Mistral-7B-Instruct-v0.2).
+    Without tokenizer files in DIR (or --tokenizer), the tokenizer is rebuilt as the official
+    from_pretrained does: BASE_DIR's tokenizer (else decoder_model_name's, if that is a local
+    directory) plus <MEM0..n-1>, <AE>, <ENC>, <SEP>. The .pth files are read with
+    torch.load(weights_only=True): anything but tensors is refused. PEFT's copies of the
+    embedding and lm_head inside each adapter are checked against
+    decoder_first_last_layers.pth. All adapters in the file are loaded as saved
     (encoder_adapter -> compressor, decoder_adapter -> generator, query_reasoner_adapter ->
     query_reasoner); compr_rate and doc_max_length come from the checkpoint's config.json
-    (--compr-rate / --doc-max-length only assert them). The base is referenced, not copied,
+    (--compr-rate / --doc-max-length only assert them); a config.json field that changes the
+    computation and that clara-jax does not reproduce (sep=false, kbtc_training, quantization,
+    one shared <MEM> token, no LoRA) is refused by name. The base is referenced, not copied,
     when its rows equal the checkpoint's; otherwise (or with --copy-base) it is written to OUT/base.
+    The reverse direction (clara-jax -> official layout) is not offered; use --to-peft.
 
 examples:
   clara-jax convert --to-peft runs/s3/model --out runs/s3/peft
@@ -56,6 +65,7 @@ def _convert(args: argparse.Namespace) -> int:
                 compression_rate=args.compr_rate,
                 doc_max_length=args.doc_max_length,
                 copy_base=args.copy_base,
+                report=print,
             )
             print(f"wrote clara-jax model directory {out}")
     except (ValueError, FileNotFoundError, KeyError) as e:
@@ -83,7 +93,7 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
         "--tokenizer",
         metavar="DIR",
         default=None,
-        help="--from-official: tokenizer directory if not the checkpoint's own (default: DIR)",
+        help="--from-official: tokenizer directory (default: DIR's own, else the base's plus the CLaRa tokens)",
     )
     parser.add_argument(
         "--dtype",
