@@ -50,14 +50,14 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"clara-jax train: error: {err}", file=sys.stderr)
         return 2
 
-    from clara_jax.data.records import RecordError
+    from clara_jax.data.records import DataError
     from clara_jax.training.config import ConfigError, load_config
     from clara_jax.training.loop import TrainingDiverged, run_training
 
     try:
         config = load_config(args.config, overrides)
         summary = run_training(config, args.workdir, progress=not args.no_progress, dcn_mesh=args.dcn_mesh)
-    except (ConfigError, RecordError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"clara-jax train: error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
@@ -91,21 +91,27 @@ def _eval(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from clara_jax.data.records import RecordError
-    from clara_jax.inference.evaluate import evaluate_file
+    from clara_jax.data.records import DataError
+    from clara_jax.inference.evaluate import evaluate_records, read_eval_file
     from clara_jax.inference.metrics import format_table
     from clara_jax.inference.model_dir import load_inference
 
     _configure_logging(logging)
-    try:
+    try:  # every file is read and checked before the model is loaded: bad data fails in seconds
+        data = {
+            os.path.splitext(os.path.basename(path))[0]: read_eval_file(
+                path, k=args.k, limit=args.limit, policy=args.policy
+            )
+            for path in args.data
+        }
         clara = load_inference(args.model, batch_size=args.batch_size, progress=True)
-        results = {}
-        for path in args.data:
-            name = os.path.splitext(os.path.basename(path))[0]
-            results[name] = evaluate_file(
-                clara, path, mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens, limit=args.limit
+        results = {
+            name: evaluate_records(
+                clara, records, mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens
             )["scores"]
-    except (RecordError, FileNotFoundError, ValueError) as err:
+            for name, records in data.items()
+        }
+    except (DataError, FileNotFoundError, ValueError) as err:
         print(f"clara-jax eval: error: {err}", file=sys.stderr)
         return 2
     columns = sorted({key for scores in results.values() for key in scores})
@@ -195,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
     ev.add_argument("--limit", type=int, default=0, help="score only the first N questions of each file")
     ev.add_argument("--batch-size", type=int, default=8, help="questions per batch (default 8)")
+    ev.add_argument(
+        "--policy",
+        choices=("error", "skip"),
+        default="error",
+        help="a bad record stops the run (error, default) or is skipped, counted and logged (skip)",
+    )
     ev.add_argument("--json", default="", help="also write the scores to this JSON file")
     ev.set_defaults(func=_eval)
 

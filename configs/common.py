@@ -59,6 +59,7 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.clara.temperature = 0.02
     c.clara.topk_mask_mode = "exact"  # "official" reproduces the release's log(mask + 1e-8)
     c.clara.gumbel = False
+    c.clara.straight_through = True  # False cuts the top-k's gradient path (the stage-3 control run)
     c.clara.query_max_length = 64  # queries are padded to their own short length (official: 1027)
     c.clara.generator_max_length = 2048
 
@@ -69,6 +70,8 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.data.bucket = 32  # pad lengths up to multiples of this (and powers of two of it)
     c.data.num_epochs = 1
     c.data.candidates = 20  # stage 3: candidates per question
+    c.data.eval_every = 0  # stage 3: dev Recall@k with the query reasoner every N steps (0: off)
+    c.data.eval_questions = 64  # stage 3: how many questions of data.eval (with pos_index) that uses
 
     c.batch = ml_collections.ConfigDict()
     c.batch.global_size = 128  # examples per optimizer step

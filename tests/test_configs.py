@@ -98,3 +98,20 @@ def test_validation_reports_every_problem_with_field_and_expectation():
         load_config(f"{CONFIGS[0]}:tiny,fast")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("configs/nope.py:tiny")
+
+
+def test_stage_chain_accepts_one_base_named_two_ways(tmp_path, monkeypatch):
+    from clara_jax.training.build import check_chain
+
+    base = tmp_path / "runs" / "base"
+    base.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    stage1 = load_config(f"{CONFIGS[0]}:tiny", [f"--config.model.path={base}"]).to_dict()
+    stage2 = load_config(f"{CONFIGS[1]}:tiny", ["--config.model.path=runs/base"])
+    check_chain(stage2, stage1, "stage1 run")  # relative here, absolute when stage 1 saved it
+
+    other = tmp_path / "runs" / "other"
+    other.mkdir()
+    moved = load_config(f"{CONFIGS[1]}:tiny", [f"--config.model.path={other}"])
+    with pytest.raises(ValueError, match=r"model\.path: this run has .*other"):
+        check_chain(moved, stage1, "stage1 run")

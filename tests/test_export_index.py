@@ -213,6 +213,29 @@ def test_corrupt_shard_is_detected_and_redone(setup, tmp_path):
     EmbeddingIndex.open(out).verify()
 
 
+def test_resume_removes_the_temp_files_a_killed_run_left(setup, tmp_path):
+    out = str(tmp_path / "stale")
+    shutil.copytree(setup["ref"], out)
+    os.remove(os.path.join(out, "progress", "shard-00002.json"))  # shard 2 was being redone when killed
+    stale = [
+        os.path.join(out, ".shard-00002.safetensors.tmp.99999"),
+        os.path.join(out, ".shard-00000.safetensors.tmp.99998"),
+        os.path.join(out, "progress", ".shard-00002.json.tmp.99999"),
+    ]
+    for path in stale:
+        with open(path, "wb") as f:
+            f.write(b"half a shard")
+    manifest = export_corpus(
+        setup["model"], setup["corpus"], out, shard_size=SHARD, batch_size=BATCH, progress=False
+    )
+    assert manifest["complete"]
+    assert not [p for p in stale if os.path.exists(p)]
+    ids, emb, _ = _load_export(out)
+    ref_ids, ref_emb, _ = _load_export(setup["ref"])
+    assert ids == ref_ids
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-6, rtol=0)
+
+
 def test_resume_refuses_another_dtype_model_or_corpus(setup, tmp_path):
     out = str(tmp_path / "mixed")
     shutil.copytree(setup["ref"], out)

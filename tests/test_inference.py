@@ -166,7 +166,7 @@ def test_eval_cli(saved, tmp_path, capsys):
     result = json.load(open(scores))["eval"]
     assert {"em", "f1", "acc", "recall@1", "recall@2"} <= set(result)
     assert "eval" in capsys.readouterr().out
-    code = cli.main(["eval", "--model", str(tmp_path), "--data", str(data)])
+    code = cli.main(["eval", "--model", str(tmp_path), "--data", str(data), "-k", "2"])
     assert code == 2  # not a model directory: a clear error, not a traceback
 
 

@@ -150,6 +150,55 @@ BAD_CASES = [
 ]
 
 
+def _plus(record: dict, raw_field: str) -> str:
+    """The record's JSON with `raw_field` (raw JSON text that json.dumps would not write) added last."""
+    return json.dumps(record)[:-1] + ", " + raw_field + "}"
+
+
+# Hostile JSON: valid for Python's json module, refused as not standard JSON (strict_json.py).
+BAD_CASES += [
+    ("nan", "stage3", _plus(retr(9), '"score": NaN'), "score", "score: non-standard number", {}),
+    ("infinity", "stage3", _plus(retr(9), '"score": -Infinity'), "score", "score: non-standard number", {}),
+    ("float_overflow", "stage3", _plus(retr(9), '"score": 1e999'), "score", "score: non-standard number", {}),
+    ("duplicate_key", "stage3", _plus(retr(9), '"question": "again?"'), None, "record: duplicate key", {}),
+    (
+        "nested_duplicate_key",
+        "stage3",
+        _plus(retr(9), '"meta": {"a": 1, "a": 2}'),
+        "meta",
+        "meta: duplicate key",
+        {},
+    ),
+    ("huge_integer", "stage3", _plus(retr(9), '"id": ' + "1" * 5000), "id", "id: integer too long", {}),
+    ("deep_nesting", "stage3", "[" * 200_000 + "]" * 200_000, None, "record: too deep", {}),
+    (
+        "nested_past_limit",
+        "stage3",
+        _plus(retr(9), '"meta": ' + "[" * 100 + "]" * 100),
+        "meta",
+        "meta: too deep",
+        {},
+    ),
+    (
+        "lone_surrogate",
+        "stage3",
+        json.dumps(retr(9, question="When\ud800?")),
+        "question",
+        "question: lone surrogate",
+        {},
+    ),
+    (
+        "surrogate_in_a_doc",
+        "stage3",
+        json.dumps(retr(9, docs=["a", "b\udfff", "c", "d"])),
+        "docs",
+        "docs: lone surrogate",
+        {},
+    ),
+    ("surrogate_key", "stage3", json.dumps({**retr(9), "\ud800": 1}), None, "record: lone surrogate", {}),
+]
+
+
 def write_case(tmp_path: Path, stage: str, bad: str) -> tuple[Path, list[dict]]:
     """good, blank, good, bad, good: the bad record sits on line 4."""
     good = [GOOD[stage](i) for i in range(3)]
@@ -171,7 +220,7 @@ def test_bad_record_raises_with_location(tmp_path, case, stage, bad, field, reas
     if case == "malformed_json":
         assert msg.endswith("expected a JSON object, got malformed JSON (Expecting value at column 32)")
     elif field is None:
-        assert "expected a JSON object" in msg
+        assert "expected a JSON object" in msg or "expected standard JSON, got " in msg
     else:
         assert f"field '{field}': expected " in msg and ", got " in msg
 

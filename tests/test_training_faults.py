@@ -187,3 +187,34 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_last_good(train_file, 
     )
     for step in saved:  # whatever was saved was saved before the divergence
         assert int(step) < STEPS
+
+
+def _checkpoint_files(workdir):
+    """{relative path: (size, mtime)} of every file under WORKDIR/checkpoints."""
+    root = Path(workdir) / "checkpoints"
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_changed_lora_rank_on_resume_fails_naming_it_and_keeps_checkpoints(reference, train_file, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    before = _checkpoint_files(workdir)
+    proc = subprocess.run(
+        _command(workdir, train_file, steps=STEPS + 6, extra=["--config.lora.rank=4"]),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert f"checkpoints/{STEPS} does not fit this run's state" in proc.stderr
+    assert "lora.rank: 8 -> 4" in proc.stderr, proc.stderr[-3000:]
+    assert "resumed from" not in proc.stderr and "is unreadable" not in proc.stderr
+    assert _checkpoint_files(workdir) == before  # nothing restored over, rotated away or added
+    assert _losses(workdir) == _losses(reference)  # no step was run

@@ -79,7 +79,13 @@ class RetrievalRecord:
 Record = CompressionRecord | InstructionRecord | RetrievalRecord
 
 
-class RecordError(ValueError):
+class DataError(ValueError):
+    """A data file that cannot be used as given (unreadable, of an unknown kind, or with too few usable
+    records); the message names the file and says what was expected. Command-line tools turn it into
+    exit status 2 with the message, never a traceback."""
+
+
+class RecordError(DataError):
     """A record that cannot be used, located precisely enough to fix it by hand.
 
     `source` is the file (or label); `line` is the 1-based position of the record in it (the JSONL

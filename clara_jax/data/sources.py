@@ -15,18 +15,20 @@ MuSiQue / HotpotQA training files (their own formats) into stage-3 `RetrievalRec
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from clara_jax.data import strict_json
 from clara_jax.data.records import (
     STAGES,
+    DataError,
     ReadReport,
     Record,
     RecordError,
+    location,
     parse_record,
     record_to_json,
     short_repr,
@@ -36,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 POLICIES = ("error", "skip")
 ARRAY_RECORD_SUFFIXES = (".arrayrecord", ".array_record")
+# One JSONL line (one record) at most: a stage-3 record with 50 long candidates is well under 1 MiB,
+# and a line without a newline must not be read into memory whole.
+MAX_LINE_BYTES = 8 << 20
 PathLike = str | os.PathLike
 
 # One item of a raw stream: (line, index, raw object or the RecordError met while decoding it).
@@ -89,37 +94,66 @@ def _validated(
         yield record
 
 
-def _decode_error(source: str, line: int | None, index: int | None, exc: Exception) -> RecordError:
-    if isinstance(exc, UnicodeDecodeError):
-        got = f"invalid UTF-8 at byte {exc.start}"
-    else:
-        got = f"malformed JSON ({exc.msg} at column {exc.colno})"
+def _problem_error(
+    problem: strict_json.JsonProblem,
+    source: str,
+    line: int | None,
+    index: int | None,
+    expected: str = "a JSON object",
+    got: str | None = None,
+) -> RecordError:
+    """The record error for a JSON problem: a syntax problem misses `expected`; a value that decodes
+    but is not allowed (NaN, a duplicate key, a lone surrogate, ...) misses standard JSON."""
     return RecordError(
         source=source,
         line=line,
         index=index,
-        field=None,
-        expected="a JSON object",
-        got=got,
-        reason="malformed JSON",
+        field=problem.field,
+        expected=expected if problem.kind in _SHAPE_PROBLEMS else "standard JSON",
+        got=got or problem.got,
+        reason=problem.kind,
     )
 
 
+_SHAPE_PROBLEMS = ("malformed JSON", "invalid UTF-8", "not an array")
+
+
 def _decode(data: bytes | str, source: str, line: int | None, index: int | None) -> Any:
+    """One record's JSON, or the `RecordError` that says why it is not (returned, for the policy)."""
     try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(text.strip())  # strip: a trailing newline would move errors to "column 1"
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return _decode_error(source, line, index, exc)
+        text = strict_json.decode_utf8(data) if isinstance(data, bytes) else data
+        # strip: a trailing newline would move errors to "column 1"
+        return strict_json.loads_checked(text.strip())
+    except strict_json.JsonProblem as problem:
+        return _problem_error(problem, source, line, index)
 
 
 # --- JSONL ---------------------------------------------------------------------------------------
 
 
+def _too_long(source: str, line: int, size: str) -> RecordError:
+    return RecordError(
+        source=source,
+        line=line,
+        field=None,
+        expected=f"a record of at most {MAX_LINE_BYTES:,} bytes on one line",
+        got=f"a line of {size} bytes",
+        reason="line too long",
+    )
+
+
 def _jsonl_raw(path: PathLike, report: ReadReport) -> Iterator[_Raw]:
     source = str(path)
     with open(path, "rb") as f:
-        for line_no, data in enumerate(f, start=1):
+        line_no = 0
+        while data := f.readline(MAX_LINE_BYTES + 1):
+            line_no += 1
+            if len(data) > MAX_LINE_BYTES:
+                size = len(data)
+                while not data.endswith(b"\n") and (data := f.readline(1 << 20)):  # skip the rest
+                    size += len(data)
+                yield line_no, None, _too_long(source, line_no, f"{size:,}")
+                continue
             if line_no == 1 and data.startswith(b"\xef\xbb\xbf"):
                 data = data[3:]  # UTF-8 byte-order mark written by some editors
             if not data.strip():
@@ -171,20 +205,41 @@ def read_jsonl(
 
 
 def _load_json_array(path: PathLike) -> list:
-    """The whole file as a list, or a ValueError that says what the file is instead."""
-    text = Path(path).read_text(encoding="utf-8-sig")
+    """The file's elements, each a raw record or the `RecordError` that rejects it (`path: record N`).
+
+    A file that is not a JSON array as a whole raises its `RecordError` at the file line that shows
+    it (invalid UTF-8, malformed or too deeply nested JSON, several values, not an array): no policy
+    can skip part of a file that cannot be decoded."""
+    source = str(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(path)
+    data = Path(path).read_bytes()
+
+    def file_error(problem: strict_json.JsonProblem, line: int, got: str | None = None) -> RecordError:
+        return _problem_error(problem, source, line, None, expected="a JSON array of records", got=got)
+
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":
-            raise ValueError(
-                f"{path}: expected a JSON array of records, got several JSON values "
-                "(JSON Lines?); name the file .jsonl or read it with read_jsonl"
-            ) from None
-        raise ValueError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-    return data
+        text = strict_json.decode_utf8(data)
+    except strict_json.JsonProblem as problem:
+        raise file_error(problem, data.count(b"\n", 0, problem.pos) + 1) from None
+    try:
+        value = strict_json.loads(text)
+    except strict_json.JsonProblem as problem:
+        line = None if problem.pos is None else text.count("\n", 0, problem.pos) + 1
+        got = None
+        if problem.got.startswith("malformed JSON (Extra data"):
+            got = "several JSON values (JSON Lines?); name the file .jsonl or read it with read_jsonl"
+        raise file_error(problem, line or 1, got) from None
+    if not isinstance(value, list):
+        kind = {dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+        raise file_error(strict_json.JsonProblem(f"a JSON {kind}", "not an array"), 1)
+    elements = []
+    for i, element in enumerate(value):
+        try:
+            elements.append(strict_json.check(element))
+        except strict_json.JsonProblem as problem:
+            elements.append(_problem_error(problem, source, None, i))
+    return elements
 
 
 def read_json_array(
@@ -230,11 +285,11 @@ def read_hf_dataset(
     else:
         files = [path_or_files] if isinstance(path_or_files, str | os.PathLike) else list(path_or_files)
         if not files:
-            raise ValueError("read_hf_dataset: no files given")
+            raise DataError("read_hf_dataset: no files given")
         files = [str(f) for f in files]
         builders = {_HF_BUILDERS.get(Path(f).suffix.lower()) for f in files}
         if None in builders or len(builders) != 1:
-            raise ValueError(
+            raise DataError(
                 f"read_hf_dataset: files must all be .parquet, or all .json/.jsonl; got {short_repr(files)}"
             )
         for f in files:
@@ -249,7 +304,7 @@ def read_hf_dataset(
                 cache_dir=None if cache_dir is None else str(cache_dir),
             )
         except Exception as exc:  # arrow schema errors etc.: point at the per-line reader
-            raise ValueError(
+            raise DataError(
                 f"{source}: HF datasets could not load it ({type(exc).__name__}: {exc}); "
                 "read_jsonl / read_json_array validate it record by record"
             ) from exc
@@ -405,6 +460,24 @@ class ArrayRecordSource:
 # --- dispatch ------------------------------------------------------------------------------------
 
 
+def require_records(records: Sequence[Record], report: ReadReport, *, at_least: int, purpose: str) -> None:
+    """Fail with the reader's account when too few records survived reading for `purpose`.
+
+    With `policy="skip"` a file whose records are all bad reads as "nothing": this turns that into
+    a `DataError` naming the file, what was skipped and the first skipped record's own error."""
+    if len(records) >= at_least:
+        return
+    if report.read == 0:
+        raise DataError(
+            f"{location(report.source, report.blank_lines + 1)}: expected a record, "
+            "found the end of the file (it holds no records)"
+        )
+    text = f"{report.summary()}; {len(records)} usable records are too few for {purpose} (needs {at_least})"
+    if report.messages:
+        text += f"; first skipped: {report.messages[0]}"
+    raise DataError(text)
+
+
 def read_records(path: PathLike, stage: str, **kw: Any) -> tuple[list[Record], ReadReport]:
     """Read any supported file by its extension (keywords go to the format's reader)."""
     suffix = Path(path).suffix.lower()
@@ -416,7 +489,7 @@ def read_records(path: PathLike, stage: str, **kw: Any) -> tuple[list[Record], R
         return read_hf_dataset(path, stage, **kw)
     if suffix in ARRAY_RECORD_SUFFIXES:
         return read_array_record(path, stage, **kw)
-    raise ValueError(
+    raise DataError(
         f"cannot read {path}: unknown extension {suffix or '(none)'!r}; expected one of "
         ".jsonl, .json, .parquet, .arrayrecord, .array_record"
     )

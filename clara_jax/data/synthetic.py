@@ -237,6 +237,11 @@ def _rng(cfg: SyntheticCorpusConfig, tag: str) -> random.Random:
     return random.Random(f"clara_jax.synthetic:{cfg.seed}:{tag}")
 
 
+def attribute_values(kind: str, n: int = _MAX_VALUES) -> tuple[str, ...]:
+    """The first `n` values of an attribute kind's closed set (what `values_per_attribute` keeps)."""
+    return _KINDS[kind]["values"][:n]
+
+
 def render_passage(e: Entity) -> str:
     sents = [_KINDS[k]["fact"].format(n=e.name, v=v) for k, v in e.facts]
     if e.mentor is not None:

@@ -47,6 +47,29 @@ def evaluate_given_documents(
     return {"scores": qa_scores(answers, [list(r.answers) for r in records]), "answers": answers}
 
 
+def read_eval_file(path: str, *, k: int = 5, limit: int | None = None, policy: str = "error") -> list:
+    """The records of one evaluation file (official formats, with or without `pos_index`), each with at
+    least `k` candidates; a file that leaves none raises a `DataError` naming it."""
+    from clara_jax.data.sources import read_records, require_records
+
+    records, report = read_records(path, "eval", policy=policy, min_docs=k)
+    require_records(records, report, at_least=1, purpose="an evaluation")
+    return records[:limit] if limit else records
+
+
+def evaluate_records(
+    clara: ClaraInference, records: Sequence, *, mode: str = "rerank", k: int = 5, max_new_tokens: int = 64
+) -> dict:
+    """Scores of evaluation records in `mode` (rerank: stage-3 evaluation; given: docs[:k] in order)."""
+    if mode == "rerank":
+        return evaluate_retrieval_qa(
+            clara, records, k=k, max_new_tokens=max_new_tokens, ks=tuple(sorted({1, min(3, k), k}))
+        )
+    if mode == "given":
+        return evaluate_given_documents(clara, records, k=k, max_new_tokens=max_new_tokens)
+    raise ValueError(f"mode={mode!r}: expected 'rerank' (stage-3 evaluation) or 'given' (docs[:k] in order)")
+
+
 def evaluate_file(
     clara: ClaraInference,
     path: str,
@@ -58,14 +81,5 @@ def evaluate_file(
     policy: str = "error",
 ) -> dict:
     """Scores of one evaluation file (official formats, with or without `pos_index`)."""
-    from clara_jax.data.sources import read_records
-
-    records, _ = read_records(path, "eval", policy=policy, min_docs=k)
-    records = records[:limit] if limit else records
-    if mode == "rerank":
-        return evaluate_retrieval_qa(
-            clara, records, k=k, max_new_tokens=max_new_tokens, ks=tuple(sorted({1, min(3, k), k}))
-        )
-    if mode == "given":
-        return evaluate_given_documents(clara, records, k=k, max_new_tokens=max_new_tokens)
-    raise ValueError(f"mode={mode!r}: expected 'rerank' (stage-3 evaluation) or 'given' (docs[:k] in order)")
+    records = read_eval_file(path, k=k, limit=limit, policy=policy)
+    return evaluate_records(clara, records, mode=mode, k=k, max_new_tokens=max_new_tokens)

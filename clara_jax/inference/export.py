@@ -7,10 +7,12 @@
 
 Why this layout: a corpus of millions of documents takes hours to compress, so a crash must cost
 one shard, not the run. Each shard is written to a temp file and `os.replace`d, and only then is
-its progress marker written (also atomically); a shard counts as done iff its marker exists and
-the file's sha256 matches it, so a torn or corrupted shard is simply redone. Shards are a fixed
-slice of the corpus order, which makes "every document exactly once" hold by construction and
-lets P processes split the work (process p takes shards p, p+P, …) without talking to each other.
+its progress marker written (also atomically, with the directory fsynced); a shard counts as done
+iff its marker exists and the file's sha256 matches it, so a torn or corrupted shard is simply
+redone, and the temp files a killed run left are removed when its shards are taken up again.
+Shards are a fixed slice of the corpus order, which makes "every document exactly once" hold by
+construction and lets P processes split the work (process p takes shards p, p+P, …) without
+talking to each other.
 Resuming into a directory made with another model, corpus or dtype is refused: mixing them would
 give an index whose vectors are not comparable.
 """
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clara_jax.atomic_files import remove_temps, write_bytes_atomic, write_json_atomic
+
 FORMAT = "clara-jax-embeddings"
 FORMAT_VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
@@ -45,8 +49,8 @@ _RESUME_KEYS = (
     "compression_rate",
     "n_mem",
 )
-# The trained parts of a model directory; the base weights are referenced by clara.json (and can
-# be 14 GB), so they are identified by that reference rather than hashed.
+# The trained parts of a model directory, hashed whole; the base weights (which can be 14 GB, and
+# are often referenced rather than copied) enter the fingerprint through their `weights_digest`.
 _MODEL_FILES = ("clara.json", "adapters.safetensors", "embed_rows.safetensors")
 
 
@@ -64,6 +68,11 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
+def _marker(out_dir: str, i: int) -> str:
+    """The progress record written after shard i is complete."""
+    return os.path.join(out_dir, "progress", f"shard-{i:05d}.json")
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -73,27 +82,20 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def model_fingerprint(model_dir: str | os.PathLike) -> str:
-    """sha256 over the model directory's trained files: equal fingerprints = comparable vectors."""
+    """sha256 over the model directory's trained files and its base weights' digest: equal
+    fingerprints = comparable vectors."""
+    from clara_jax.inference.model_dir import base_weights, model_dir_path, read_model_meta
+
+    model_dir = model_dir_path(model_dir)
     h = hashlib.sha256()
     for name in _MODEL_FILES:
         path = os.path.join(model_dir, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: not a clara-jax model directory (missing {name})")
         h.update(name.encode() + b"\0" + sha256_file(path).encode() + b"\0")
+    _, base_digest = base_weights(model_dir, read_model_meta(model_dir))
+    h.update(b"base\0" + base_digest.encode() + b"\0")
     return h.hexdigest()
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_json(path: str, obj: dict) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 # --- corpus ----------------------------------------------------------------------------------------
@@ -201,8 +203,9 @@ def shard_ids(path: str | os.PathLike) -> list[str]:
 
 
 def _plan(model_dir: str, corpus_path: str, ids: list[str], corpus_sha: str, dtype: str, shard_size: int):
-    with open(os.path.join(model_dir, "clara.json")) as f:
-        c = json.load(f)["clara"]
+    from clara_jax.inference.model_dir import model_dir_path, read_model_meta
+
+    c = read_model_meta(model_dir_path(model_dir))["clara"]
     n_shards = -(-len(ids) // shard_size)
     return {
         "format": FORMAT,
@@ -247,7 +250,7 @@ def _check_resume(out_dir: str, plan: dict) -> None:
 
 def _shard_done(out_dir: str, i: int, expected_count: int) -> dict | None:
     """The shard's progress record if it is complete and intact, else None (redo it)."""
-    marker = os.path.join(out_dir, "progress", f"shard-{i:05d}.json")
+    marker = _marker(out_dir, i)
     path = os.path.join(out_dir, shard_name(i))
     if not (os.path.isfile(marker) and os.path.isfile(path)):
         return None
@@ -256,7 +259,12 @@ def _shard_done(out_dir: str, i: int, expected_count: int) -> dict | None:
             rec = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
-    if rec.get("count") != expected_count or sha256_file(path) != rec.get("sha256"):
+    if (
+        not isinstance(rec, dict)
+        or rec.get("file") != shard_name(i)
+        or rec.get("count") != expected_count
+        or sha256_file(path) != rec.get("sha256")
+    ):
         return None
     return rec
 
@@ -265,17 +273,17 @@ def _finalize(out_dir: str, plan: dict) -> dict | None:
     """The complete manifest once every shard has its marker (any process may write it: same bytes)."""
     shards = []
     for i in range(plan["num_shards"]):
-        marker = os.path.join(out_dir, "progress", f"shard-{i:05d}.json")
+        marker = _marker(out_dir, i)
         if not os.path.isfile(marker):
             return None
         with open(marker) as f:
             shards.append(json.load(f))
-    first, _ = read_shard(os.path.join(out_dir, shards[0]["file"]))
+    first, _ = read_shard(os.path.join(out_dir, shard_name(0)))
     manifest = dict(
         plan, complete=True, hidden_size=int(first.shape[2]), embedding_shape=list(first.shape[1:])
     )
     manifest["shards"] = shards
-    _atomic_json(os.path.join(out_dir, "manifest.json"), manifest)
+    write_json_atomic(os.path.join(out_dir, "manifest.json"), manifest)
     return manifest
 
 
@@ -309,7 +317,7 @@ def export_corpus(
     os.makedirs(os.path.join(out_dir, "progress"), exist_ok=True)
     _check_resume(out_dir, plan)
     if not os.path.isfile(os.path.join(out_dir, "manifest.json")):
-        _atomic_json(os.path.join(out_dir, "manifest.json"), plan)
+        write_json_atomic(os.path.join(out_dir, "manifest.json"), plan)
 
     def bounds(i):
         return i * shard_size, min((i + 1) * shard_size, len(ids))
@@ -317,6 +325,9 @@ def export_corpus(
     todo = []
     for i in range(p, plan["num_shards"], n_proc):
         lo, hi = bounds(i)
+        # only this process writes shard i, so temp files of it are a killed run's leftovers
+        remove_temps(os.path.join(out_dir, shard_name(i)))
+        remove_temps(_marker(out_dir, i))
         if _shard_done(out_dir, i, hi - lo) is None:
             todo.append(i)
     if todo:
@@ -333,14 +344,14 @@ def export_corpus(
             lo, hi = bounds(i)
             memory = inference.compress_documents(texts[lo:hi])
             data = encode_shard(memory, ids[lo:hi], lo, dtype)
-            _atomic_write(os.path.join(out_dir, shard_name(i)), data)
+            write_bytes_atomic(os.path.join(out_dir, shard_name(i)), data)
             record = {
                 "file": shard_name(i),
                 "start": lo,
                 "count": hi - lo,
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
-            _atomic_json(os.path.join(out_dir, "progress", f"shard-{i:05d}.json"), record)
+            write_json_atomic(_marker(out_dir, i), record)
             bar.update(hi - lo)
         bar.close()
     return _finalize(out_dir, plan) or plan

@@ -24,7 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clara_jax.inference.export import FORMAT, FORMAT_VERSION, model_fingerprint, read_shard, sha256_file
+from clara_jax.inference.export import (
+    FORMAT,
+    FORMAT_VERSION,
+    model_fingerprint,
+    read_shard,
+    sha256_file,
+    shard_name,
+)
 from clara_jax.model.topk import COSINE_EPS
 
 BACKENDS = ("jax", "faiss")
@@ -55,6 +62,43 @@ def _merge(scores_a, idx_a, scores_b, idx_b, k: int):
     return top, jnp.take_along_axis(idx, pos, axis=1)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_shard_list(path: str, manifest: dict) -> None:
+    """Refuse a manifest whose shard list an export could not have written.
+
+    A downloaded index is untrusted: shard i must be the file `shard_name(i)` of the export
+    directory (never an absolute path or `..`, which would read any local file) and cover rows
+    [i·shard_size, i·shard_size + count).
+    """
+    size, n, shards = manifest.get("shard_size"), manifest.get("num_shards"), manifest.get("shards")
+    if not (_is_int(size) and size >= 1 and _is_int(n) and n >= 1):
+        raise ValueError(
+            f"{path}: fields shard_size and num_shards must be positive integers, got {size!r}, {n!r}"
+        )
+    if not isinstance(shards, list) or len(shards) != n:
+        got = f"{len(shards)} entries" if isinstance(shards, list) else repr(type(shards).__name__)
+        raise ValueError(f"{path}: field shards must list num_shards={n} shards, got {got}")
+    for i, s in enumerate(shards):
+        where = f"{path}: shards[{i}]"
+        if not isinstance(s, dict):
+            raise ValueError(f"{where} must be an object, got {type(s).__name__}")
+        if s.get("file") != shard_name(i):
+            raise ValueError(
+                f"{where}.file is {s.get('file')!r}, expected {shard_name(i)!r} (shard files are named by "
+                "their position in the export directory; other names and paths are refused)"
+            )
+        if s.get("start") != i * size:
+            raise ValueError(f"{where}.start is {s.get('start')!r}, expected {i * size} (= {i} · shard_size)")
+        count = s.get("count")
+        if not (_is_int(count) and 1 <= count <= size):
+            raise ValueError(f"{where}.count must be an integer in [1, shard_size={size}], got {count!r}")
+        if not isinstance(s.get("sha256"), str):
+            raise ValueError(f"{where}.sha256 must be a hex string, got {s.get('sha256')!r}")
+
+
 class EmbeddingIndex:
     """A read-only view of an export directory; shards are read (and checksummed) when searched."""
 
@@ -71,6 +115,8 @@ class EmbeddingIndex:
             raise FileNotFoundError(f"{path}: not an export directory (no manifest.json)")
         with open(path) as f:
             manifest = json.load(f)
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} is not "
@@ -83,8 +129,9 @@ class EmbeddingIndex:
                 f"{export_dir}: export incomplete ({done} of {manifest.get('num_shards')} shards done); "
                 "rerun `clara-jax export` with the same arguments to finish it"
             )
+        check_shard_list(path, manifest)
         counts = sum(s["count"] for s in manifest["shards"])
-        if counts != manifest["count"] or len(manifest["shards"]) != manifest["num_shards"]:
+        if counts != manifest["count"]:
             raise ValueError(f"{path}: shard counts sum to {counts}, the manifest says {manifest['count']}")
         for s in manifest["shards"]:
             if not os.path.isfile(os.path.join(export_dir, s["file"])):

@@ -13,11 +13,18 @@ The base weights are referenced, not copied, when the run read them from a local
 In a multi-process run the trained arrays are spread over several hosts: every process calls
 `save_clara_model` (each array is gathered with all processes taking part) and only the one
 with `write=True` (process 0 by default) touches the directory.
+
+Saving never tears a model: the new copy is built complete in a hidden sibling, fsynced and
+swapped in (`clara_jax.atomic_files.replace_dir`), so a crash while re-saving leaves the old model
+or the new one, and readers (`model_dir_path`) follow the swap. A model directory may be
+downloaded, so clara.json's `base` is checked: a relative one must stay inside the directory, and
+an absolute one (a local base the run referenced) must still match the `base_digest` saved with it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -25,16 +32,79 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clara_jax.atomic_files import live_dir, replace_dir, staging_dir, write_json_atomic
 from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.inference.clara_model import ClaraInference
 from clara_jax.interop.hf import load_decoder, save_decoder
-from clara_jax.interop.safetensors_io import SafetensorsFile
+from clara_jax.interop.safetensors_io import SafetensorsFile, weights_digest
 from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.decoder import Decoder
 from clara_jax.model.lora import LoRAConfig
 from clara_jax.model.vocab import extend_vocabulary
+from clara_jax.safe_paths import contained_path
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def model_dir_path(model_dir: str | os.PathLike) -> str:
+    """The directory that holds `model_dir`'s complete copy (its hidden twin if a crash fell
+    between the two renames of a re-save); raises if there is no saved model there."""
+    path = live_dir(model_dir)
+    meta_path = os.path.join(path, "clara.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(
+            f"{os.path.join(model_dir, 'clara.json')}: not a clara-jax model directory "
+            "(no clara.json; was the run finished?)"
+        )
+    if path != os.fspath(model_dir):
+        log.warning("%s: using %s (a re-save of the model was interrupted)", model_dir, path)
+    return path
+
+
+def read_model_meta(model_dir: str) -> dict:
+    """clara.json of a (resolved) model directory, with its format version checked."""
+    meta_path = os.path.join(model_dir, "clara.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{meta_path}: not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ValueError(f"{meta_path}: format_version {version} is not {FORMAT_VERSION}")
+    return meta
+
+
+def base_weights(model_dir: str, meta: dict) -> tuple[str, str]:
+    """(path, `weights_digest`) of the base weights of a (resolved) model directory, checked.
+
+    A relative `base` must be a path inside the model directory (no `..`). An absolute one is a
+    local directory the training run read and referenced rather than copied (a 7B base is 14 GB),
+    so it cannot be refused; instead the weights found there must match the `base_digest` saved
+    in clara.json, which stops a model directory from quietly pointing at other local weights
+    (and catches a base that was replaced since training).
+    """
+    meta_path = os.path.join(model_dir, "clara.json")
+    base = meta.get("base")
+    if isinstance(base, str) and os.path.isabs(base):
+        if ".." in base.replace("\\", "/").split("/"):
+            raise ValueError(f"{meta_path}: field 'base' ({base!r}) must not contain '..'")
+        path = base
+    else:
+        path = contained_path(model_dir, base, source=meta_path, field="'base'")
+    digest = weights_digest(path)
+    expected = meta.get("base_digest")
+    if expected is None and path == base:
+        log.warning(
+            "%s: the referenced base %s is unchecked (no 'base_digest': an older save)", meta_path, base
+        )
+    elif expected is not None and digest != expected:
+        raise ValueError(
+            f"{meta_path}: the base weights at {path} (field 'base') are not the ones this model was "
+            "trained with (their digest differs from the saved 'base_digest')"
+        )
+    return path, digest
 
 
 def _host(x, dtype=np.float32) -> np.ndarray:
@@ -101,15 +171,17 @@ def save_clara_model(
         _gather_model(model)  # a random-init base is copied: every process helps gather it
     if not write:
         return out_dir
-    save_file(factors, os.path.join(out_dir, "adapters.safetensors"))
-    save_file(rows, os.path.join(out_dir, "embed_rows.safetensors"))
+    staging = staging_dir(out_dir)  # built complete beside out_dir, then swapped in
+    save_file(factors, os.path.join(staging, "adapters.safetensors"))
+    save_file(rows, os.path.join(staging, "embed_rows.safetensors"))
     if not base_path:
         base_path = "base"
-        save_decoder(model, os.path.join(out_dir, "base"))
-    tokenizer.hf.save_pretrained(out_dir)
+        save_decoder(model, os.path.join(staging, "base"))
+    tokenizer.hf.save_pretrained(staging)
     meta = {
         "format_version": FORMAT_VERSION,
         "base": base_path,
+        "base_digest": weights_digest(os.path.join(staging, base_path)),
         "vocab_size": model.config.vocab_size,
         "base_vocab_size": tokenizer.base_vocab_size,
         "dtype": str(model.policy.compute),
@@ -125,24 +197,15 @@ def save_clara_model(
         "adapters": lora_configs,
         "run_config": run_config or {},
     }
-    tmp = os.path.join(out_dir, "clara.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "clara.json"))  # written last: its presence means complete
+    write_json_atomic(os.path.join(staging, "clara.json"), meta)
+    replace_dir(staging, out_dir)
     return out_dir
 
 
 def load_clara_model(model_dir: str, *, dtype: str | None = None):
     """(tokenizer, Decoder with all adapters and rows, ClaraConfig) from a saved model directory."""
-    meta_path = os.path.join(model_dir, "clara.json")
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(
-            f"{meta_path}: not a clara-jax model directory (no clara.json; was the run finished?)"
-        )
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    model_dir = model_dir_path(model_dir)
+    meta = read_model_meta(model_dir)
     c = meta["clara"]
     n_mem = c["doc_max_length"] // c["compression_rate"]
     tok = load_tokenizer(model_dir, n_mem=n_mem)
@@ -151,7 +214,7 @@ def load_clara_model(model_dir: str, *, dtype: str | None = None):
             f"{model_dir}: tokenizer memory-token ids {tok.mem_token_ids} differ from the saved "
             f"{c['mem_token_ids']}"
         )
-    base = meta["base"] if os.path.isabs(meta["base"]) else os.path.join(model_dir, meta["base"])
+    base, _ = base_weights(model_dir, meta)
     model = load_decoder(base, dtype=dtype or meta.get("dtype", "float32"))
     rows = SafetensorsFile(os.path.join(model_dir, "embed_rows.safetensors"))
     first_new = meta["base_vocab_size"]
@@ -204,8 +267,7 @@ def load_inference(model_dir: str, **kw) -> ClaraInference:
     """A ready `ClaraInference` (the official-style API) from a saved model directory, with the
     query length and padding bucket the model was trained with (unless overridden in `kw`)."""
     tok, model, clara = load_clara_model(model_dir)
-    with open(os.path.join(model_dir, "clara.json")) as f:
-        run = json.load(f).get("run_config") or {}
+    run = read_model_meta(model_dir_path(model_dir)).get("run_config") or {}
     if run:
         kw.setdefault("query_max_length", run["clara"]["query_max_length"])
         kw.setdefault("bucket", run["data"]["bucket"])

@@ -9,6 +9,7 @@ retries; the scripted one replays fixed replies for tests.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -119,6 +120,35 @@ class LocalBackend:
 # ------------------------------------------------------------------------------------------- remote
 
 
+def sends_in_clear(url: str) -> bool:
+    """Whether a request to `url` crosses a network unencrypted (plain http to a non-loopback host)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return True
+
+
+# What reading a hostile reply body can raise: bad JSON or UTF-8 (ValueError), a missing or mistyped
+# field (KeyError, IndexError, TypeError, AttributeError), int(1e400) (OverflowError), deep nesting.
+_MALFORMED = (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError, RecursionError)
+
+
+class _Abandoned(Exception):
+    """An attempt this client gave up on (over its deadline or its size cap), not the network."""
+
+    def __init__(self, detail: str, *, retry: bool):
+        super().__init__(detail)
+        self.detail, self.retry = detail, retry
+
+
 def normalise_base_url(url: str) -> str:
     """`http://host:8000` -> `http://host:8000/v1`; a URL that already has a path is kept as given."""
     from urllib.parse import urlsplit
@@ -134,9 +164,15 @@ class RemoteBackend:
     """Any OpenAI-compatible `/chat/completions` endpoint (vLLM, llama.cpp server, `clara-jax serve`).
 
     At most `concurrency` requests are in flight; each is retried up to `retries` times on timeouts,
-    connection errors, 429 and 5xx, waiting `backoff · 2^attempt` seconds with ±50 % jitter (or the
-    server's Retry-After, capped at `max_backoff`). The API key is read from the environment variable
-    named `api_key_env` and never appears in a repr, log line, error message or report.
+    connection and protocol errors, 429 and 5xx, waiting `backoff · 2^attempt` seconds with ±50 %
+    jitter (or the server's Retry-After, capped at `max_backoff`). The API key is read from the
+    environment variable named `api_key_env` and never appears in a repr, log line, error message or
+    report; sending it over plain http to another host is warned about.
+
+    `timeout` bounds each attempt as a whole, not only each phase as httpx's timeouts do: a server
+    that trickles its reply is cut off at the first chunk after the deadline (a silent one by httpx's
+    per-phase timeout of the same length). A reply over `max_response_bytes` (after decompression)
+    is refused as soon as it is that long.
     """
 
     RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -154,6 +190,7 @@ class RemoteBackend:
         max_backoff: float = 30.0,
         seed: int = 0,
         sleep: Callable[[float], None] = time.sleep,
+        max_response_bytes: int = 4 << 20,
     ):
         import httpx
 
@@ -167,6 +204,14 @@ class RemoteBackend:
             self._key = os.environ.get(api_key_env)
             if not self._key:
                 raise ValueError(f"--api-key-env: environment variable {api_key_env!r} is not set or empty")
+            if sends_in_clear(self.base_url):
+                log.warning(
+                    "the API key from $%s is sent over plain http to %s: anyone on the network path can "
+                    "read it; use https (or a loopback address)",
+                    api_key_env,
+                    self.base_url,
+                )
+        self.max_response_bytes = max_response_bytes
         self.concurrency, self.timeout, self.retries = concurrency, timeout, retries
         self.backoff, self.max_backoff, self._sleep = backoff, max_backoff, sleep
         self._random = random.Random(seed)
@@ -189,11 +234,32 @@ class RemoteBackend:
     def redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 
+    def _exchange(self, method: str, url: str, **kw) -> tuple[int, str | None, bytes]:
+        """One HTTP exchange within the deadline and the size cap: (status, Retry-After, body).
+        Raises httpx.HTTPError from the network and `_Abandoned` from the caps."""
+        deadline = time.monotonic() + self.timeout
+        with self._client.stream(method, url, **kw) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_response_bytes:
+                raise _Abandoned(self._too_large(f"{int(declared):,}"), retry=False)
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > self.max_response_bytes:
+                    raise _Abandoned(self._too_large(f"over {self.max_response_bytes:,}"), retry=False)
+                if time.monotonic() > deadline:
+                    raise _Abandoned(f"no complete reply within the {self.timeout:g} s deadline", retry=True)
+            return response.status_code, response.headers.get("retry-after"), bytes(body)
+
+    def _too_large(self, size: str) -> str:
+        return f"a reply of {size} bytes; the limit is {self.max_response_bytes:,} (max_response_bytes)"
+
     def _first_model(self) -> str:
         try:
-            response = self._client.get(f"{self.base_url}/models")
-            response.raise_for_status()
-            data = response.json()["data"]
+            status, _, body = self._exchange("GET", f"{self.base_url}/models")
+            if status != 200:
+                raise ValueError(f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}")
+            data = json.loads(body)["data"]
             return str(data[0]["id"])
         except Exception as err:
             raise BackendError(
@@ -231,18 +297,23 @@ class RemoteBackend:
                 if attempt:
                     self.stats["http_retries"] += 1
             try:
-                response = self._client.post(f"{self.base_url}/chat/completions", json=body)
+                status, retry_after, reply = self._exchange(
+                    "POST", f"{self.base_url}/chat/completions", json=body
+                )
             except httpx.TimeoutException:
                 last = f"timed out after {self.timeout:g} s"
-            except httpx.TransportError as err:
+            except httpx.HTTPError as err:  # transport, protocol and decoding errors alike
                 last = f"{type(err).__name__}: {err}"
+            except _Abandoned as err:
+                if not err.retry:
+                    return BackendError(BACKEND_ERROR, self.redact(err.detail))
+                last = err.detail
             else:
-                if response.status_code == 200:
-                    return self._completion(response)
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
-                if response.status_code not in self.RETRY_STATUS:
+                if status == 200:
+                    return self._completion(reply)
+                last = f"HTTP {status}: {reply[:200].decode('utf-8', 'replace')}"
+                if status not in self.RETRY_STATUS:
                     return BackendError(REQUEST_REJECTED, self.redact(last))
-                retry_after = response.headers.get("retry-after")
             if attempt < self.retries:
                 wait = self._delay(attempt, retry_after)
                 log.info(
@@ -255,22 +326,24 @@ class RemoteBackend:
                 self._sleep(wait)
         return BackendError(BACKEND_ERROR, self.redact(f"{last} (after {self.retries + 1} attempts)"))
 
-    def _completion(self, response) -> Completion | BackendError:
+    def _completion(self, reply: bytes) -> Completion | BackendError:
         try:
-            data = response.json()
+            data = json.loads(reply)
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
+            if not isinstance(text, str):
+                raise TypeError(f"message content is {type(text).__name__}, not a string")
+            text.encode("utf-8")  # a lone surrogate would only fail later, when the record is written
             usage = data.get("usage") or {}
             return Completion(
-                text=str(text),
+                text=text,
                 finish_reason=str(choice.get("finish_reason") or "stop"),
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),
             )
-        except (ValueError, KeyError, IndexError, TypeError) as err:
-            return BackendError(
-                BACKEND_ERROR, self.redact(f"malformed response ({err}): {response.text[:200]}")
-            )
+        except _MALFORMED as err:
+            detail = f"malformed response ({type(err).__name__}: {str(err)[:200]!r}): {reply[:200]!r}"
+            return BackendError(BACKEND_ERROR, self.redact(detail))
 
     def complete(self, requests: list[Request]) -> list[Completion | BackendError]:
         return list(self._pool.map(self._one, requests))

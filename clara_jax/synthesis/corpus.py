@@ -4,14 +4,20 @@ Accepted per line (first present wins): `text` (with an optional `title`, joined
 `contents` / `passage` / `paragraph_text` (common retrieval corpora), or a CLaRa record's document
 list `docs` / `context` / `content` (its first entry), so the shared stage-1 sample works as-is.
 An `id` (or `_id` / `doc_id`) is kept for the report; otherwise the document is known by its line.
+
+Lines are standard JSON (`strict_json`): a lone surrogate, NaN, a duplicate key, an oversized integer
+or deep nesting is refused here with `path:line`, not mid-run where the text is encoded or tokenized
+(which would stop every rerun at the same document).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+
+from clara_jax.data.strict_json import JsonProblem, decode_utf8, loads_checked
 
 TEXT_FIELDS = ("text", "contents", "passage", "paragraph_text")
 LIST_FIELDS = ("docs", "context", "content")
@@ -55,6 +61,14 @@ def _text(obj: dict, where: str) -> str:
     )
 
 
+def _decode(data: bytes, where: str) -> Any:
+    """One line's JSON value, or a ValueError naming `where` and what is wrong with it."""
+    try:
+        return loads_checked(decode_utf8(data).strip())
+    except JsonProblem as err:
+        raise ValueError(f"{where}: expected a document line of standard JSON, got {err.got}") from None
+
+
 def read_documents(path: str, limit: int | None = None) -> Iterator[Document]:
     """Documents in file order; a malformed line raises ValueError naming `path:line`."""
     index = 0
@@ -67,10 +81,7 @@ def read_documents(path: str, limit: int | None = None) -> Iterator[Document]:
             if not data.strip():
                 continue
             where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(data.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ValueError(f"{where}: not a JSON object ({err})") from None
+            obj = _decode(data, where)
             if isinstance(obj, str):
                 obj = {"text": obj}
             if not isinstance(obj, dict):

@@ -15,6 +15,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+# Replies longer than this are not parsed (a ParseFailure "reply_too_long"): the longest step asks for
+# 768 tokens, a few thousand characters, so a longer reply is a model looping, and parsing stays cheap.
+MAX_REPLY_CHARS = 32_000
+# At most this many truncation repairs are tried per JSON value (each decodes the text once).
+MAX_TRUNCATION_TRIES = 16
+# Replies nest two or three levels; a value nested deeper is not what any prompt asked for.
+MAX_JSON_DEPTH = 32
+# Keys longer than this are not matched against the key patterns (no real key is that long).
+MAX_KEY_CHARS = 64
 # The one sentence the answering prompt tells the model to use when the passage lacks the answer.
 REFUSAL = "The document does not contain this information."
 # Looser phrasings of the same refusal that small models produce instead of the exact sentence.
@@ -55,6 +64,26 @@ class _Json:
     repairs: list[str] = field(default_factory=list)
 
 
+def _unreadable(text: str) -> ParseFailure | None:
+    """The failure of a reply no parser reads: empty, or longer than MAX_REPLY_CHARS."""
+    if not text or not text.strip():
+        return ParseFailure("empty_reply")
+    if len(text) > MAX_REPLY_CHARS:
+        return ParseFailure("reply_too_long", f"{len(text)} characters; the limit is {MAX_REPLY_CHARS}")
+    return None
+
+
+_BLANKS = re.compile(r"[^\S\n]+")
+_BLANK_LINES = re.compile(r"\s*\n\s*")
+
+
+def _squeeze(text: str) -> str:
+    """Runs of blanks -> one space, blank lines -> one newline. Every parser collapses whitespace in
+    what it returns anyway; squeezing first keeps the line patterns (`\\s*` next to `\\s*`) linear
+    on a reply of thousands of spaces."""
+    return _BLANK_LINES.sub("\n", _BLANKS.sub(" ", text))
+
+
 # ------------------------------------------------------------------------------------------ JSON
 
 _FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)(?:```|$)", re.DOTALL)
@@ -69,42 +98,56 @@ def _strip_fences(text: str, repairs: list[str]) -> str:
 
 
 def _decode(candidate: str) -> Any:
-    return json.loads(candidate, object_pairs_hook=_Pairs, strict=False)
+    """The JSON value, or None: malformed, too deep for the decoder, or an integer too long to convert."""
+    try:
+        return json.loads(candidate, object_pairs_hook=_Pairs, strict=False)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        return None
 
 
-def _scan(text: str) -> tuple[int | None, list[tuple[int, list[str]]], list[str], bool]:
+# Open brackets as a linked list, innermost first: (bracket, outer, depth) or None. A cut point keeps
+# the node it was made at, so recording one costs nothing however deep the nesting is (no stack copy).
+_Open = tuple[str, Any, int] | None
+# What the scanner stops at: a whole string (its closing quote captured, if there is one) or a bracket
+# or comma; everything in between is skipped by the regex engine.
+_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(")?|[\[\]{},]', re.DOTALL)
+_OPENER = {"}": "{", "]": "["}
+
+
+def _scan(text: str) -> tuple[int | None, list[tuple[int, _Open]], _Open, bool]:
     """Walk a JSON-ish text from its first bracket: (end of the balanced value or None, cut points
-    after complete items with the open brackets there, the brackets still open, inside a string)."""
-    stack: list[str] = []
-    cuts: list[tuple[int, list[str]]] = []
-    in_string = escaped = False
-    for i, ch in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-            continue
-        if ch == '"':
-            in_string = True
-        elif ch in "{[":
-            stack.append(ch)
-        elif ch in "}]":
-            if not stack or {"}": "{", "]": "["}[ch] != stack[-1]:
-                return None, cuts, stack, False
-            stack.pop()
-            if not stack:
-                return i + 1, cuts, stack, False
-            cuts.append((i + 1, list(stack)))
-        elif ch == ",":
-            cuts.append((i, list(stack)))
-    return None, cuts, stack, in_string
+    after complete items with the brackets open there, the brackets still open, inside a string).
+    A value nested deeper than MAX_JSON_DEPTH is abandoned: (None, [], None, False)."""
+    open_: _Open = None
+    cuts: list[tuple[int, _Open]] = []
+    for match in _TOKEN.finditer(text):
+        token = match.group()
+        if token[0] == '"':
+            if match.group(1) is None:  # no closing quote: the text ends inside this string
+                return None, cuts, open_, True
+        elif token in "{[":
+            depth = 1 if open_ is None else open_[2] + 1
+            if depth > MAX_JSON_DEPTH:
+                return None, [], None, False
+            open_ = (token, open_, depth)
+        elif token in "}]":
+            if open_ is None or _OPENER[token] != open_[0]:
+                return None, cuts, open_, False
+            open_ = open_[1]
+            if open_ is None:
+                return match.end(), cuts, None, False
+            cuts.append((match.end(), open_))
+        elif open_ is not None:  # a comma inside the value
+            cuts.append((match.start(), open_))
+    return None, cuts, open_, False
 
 
-def _closers(stack: list[str]) -> str:
-    return "".join("}" if b == "{" else "]" for b in reversed(stack))
+def _closers(open_: _Open) -> str:
+    closers = []
+    while open_ is not None:
+        closers.append("}" if open_[0] == "{" else "]")
+        open_ = open_[1]
+    return "".join(closers)
 
 
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
@@ -114,35 +157,37 @@ def _load_at(text: str, start: int) -> _Json | None:
     """Decode the JSON value starting at `start`; repair trailing commas, single quotes and truncation
     (keeping only the items that were complete)."""
     body = text[start:]
-    end, cuts, stack, in_string = _scan(body)
+    end, cuts, open_, in_string = _scan(body)
     if end is not None:
         candidate = body[:end]
         for attempt, repair in ((candidate, None), (_TRAILING_COMMA.sub(r"\1", candidate), "trailing_comma")):
-            try:
-                return _Json(_decode(attempt), [repair] if repair else [])
-            except json.JSONDecodeError:
-                pass
-        try:  # Python-literal dicts ({'Question1': '...'}) lose duplicate keys but are otherwise fine
-            value = ast.literal_eval(candidate)
-            if isinstance(value, dict | list):
-                return _Json(_to_pairs(value), ["python_literal"])
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            pass
-        return None
-    if not stack:
+            value = _decode(attempt)
+            if value is not None:
+                return _Json(value, [repair] if repair else [])
+        value = _python_literal(candidate)
+        return None if value is None else _Json(value, ["python_literal"])
+    if open_ is None:
         return None
     # Truncated: first try closing what is open (the last item may be complete), then cut back to
-    # the end of each earlier complete item.
-    tries = [] if in_string else [(len(body), stack)]
-    tries += sorted(cuts, key=lambda c: -c[0])
-    for pos, open_brackets in tries:
-        candidate = _TRAILING_COMMA.sub(r"\1", body[:pos].rstrip().rstrip(",") + _closers(open_brackets))
-        try:
-            value = _decode(candidate)
-        except json.JSONDecodeError:
-            continue
-        return _Json(value, ["truncated_json"])
+    # the end of each earlier complete item (the latest few: each try decodes the text once).
+    tries = [] if in_string else [(len(body), open_)]
+    tries += cuts[::-1]
+    for pos, open_there in tries[:MAX_TRUNCATION_TRIES]:
+        candidate = _TRAILING_COMMA.sub(r"\1", body[:pos].rstrip().rstrip(",") + _closers(open_there))
+        value = _decode(candidate)
+        if value is not None:
+            return _Json(value, ["truncated_json"])
     return None
+
+
+def _python_literal(candidate: str) -> Any:
+    """A Python-literal dict or list ({'Question1': '...'}) as pairs, or None. Duplicate keys are lost;
+    `{[1]: 2}` (TypeError), deep nesting and huge numbers are just not literals we can read."""
+    try:
+        value = ast.literal_eval(candidate)
+        return _to_pairs(value) if isinstance(value, dict | list) else None
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
 
 
 def _to_pairs(value: Any) -> Any:
@@ -156,9 +201,9 @@ def _to_pairs(value: Any) -> Any:
 def find_json(text: str) -> _Json | None:
     """The first decodable JSON object or array in a reply (fenced, inside prose, or truncated)."""
     repairs: list[str] = []
-    body = _strip_fences(text, repairs)
-    starts = [m.start() for m in re.finditer(r"[{\[]", body)]
-    for start in starts[:20]:
+    body = _strip_fences(text[:MAX_REPLY_CHARS], repairs)
+    starts = [m.start() for _, m in zip(range(20), re.finditer(r"[{\[]", body))]
+    for start in starts:
         found = _load_at(body, start)
         if found is None:
             continue
@@ -187,6 +232,10 @@ _LINE_ITEM = re.compile(
 _WORD = re.compile(r"[A-Za-z]{2,}")
 
 
+def _is_question_key(key: str) -> bool:
+    return len(key) <= MAX_KEY_CHARS and bool(_QUESTION_KEY.match(key))
+
+
 def clean_text(text: str) -> str:
     """Collapse whitespace and drop wrapping quotes / markdown emphasis."""
     text = re.sub(r"\s+", " ", str(text)).strip()
@@ -213,9 +262,9 @@ def _questions_from(value: Any, repairs: list[str], skip_number: bool) -> list[s
         if len(set(keys)) < len(keys):
             repairs.append("duplicate_keys")
         for key, item in value:
-            if skip_number and _NUMBER_KEY.search(key):
+            if skip_number and len(key) <= MAX_KEY_CHARS and _NUMBER_KEY.search(key):
                 continue
-            if _QUESTION_KEY.match(key):
+            if _is_question_key(key):
                 if not _CANONICAL_KEY.match(key):
                     repairs.append("key_variant")
                 found += _questions_from(item, repairs, skip_number)
@@ -253,8 +302,9 @@ def _dedupe(questions: list[str], limit: int) -> tuple[list[str], bool]:
 
 def parse_questions(text: str, *, limit: int = 40) -> Parsed | ParseFailure:
     """`{"Question1": ..., "QuestionN": ...}` and its real-world variants -> a list of questions."""
-    if not text or not text.strip():
-        return ParseFailure("empty_reply")
+    if unreadable := _unreadable(text):
+        return unreadable
+    text = _squeeze(text)
     repairs: list[str] = []
     found = find_json(text)
     questions: list[str] = []
@@ -285,8 +335,9 @@ def is_refusal(text: str) -> bool:
 
 def parse_answer(text: str, *, max_words: int = 80) -> Parsed | ParseFailure:
     """`Answer: ...` (or `{"Answer": ...}`, or a bare short reply) -> the answer, or a `Refusal`."""
-    if not text or not text.strip():
-        return ParseFailure("empty_reply")
+    if unreadable := _unreadable(text):
+        return unreadable
+    text = _squeeze(text)
     repairs: list[str] = []
     answer = None
     match = _ANSWER_PREFIX.search(text)
@@ -342,12 +393,13 @@ def parse_verdict(text: str) -> Parsed | ParseFailure:
 
     A JSON verdict wins; in free text the reply must start with a verdict word, or use words of
     one polarity only (a reply mentioning both "correct" and "incorrect" is ambiguous)."""
-    if not text or not text.strip():
-        return ParseFailure("empty_reply")
+    if unreadable := _unreadable(text):
+        return unreadable
+    text = _squeeze(text)
     found = find_json(text)
     if found is not None and isinstance(found.value, _Pairs):
         for key, value in found.value:
-            if _VERDICT_KEY.search(key):
+            if len(key) <= MAX_KEY_CHARS and _VERDICT_KEY.search(key):
                 if isinstance(value, bool):
                     return Parsed(value, tuple(found.repairs))
                 if isinstance(value, str) and (verdict := _verdict_word(value)) is not None:
@@ -373,8 +425,9 @@ def parse_coverage(text: str, *, limit: int = 40) -> Parsed | ParseFailure:
 
     N = 0 means the existing pairs cover the passage (questions listed anyway are ignored); a missing
     N with questions present is read as N = len(questions); N > 0 without questions is a failure."""
-    if not text or not text.strip():
-        return ParseFailure("empty_reply")
+    if unreadable := _unreadable(text):
+        return unreadable
+    text = _squeeze(text)
     repairs: list[str] = []
     number = None
     questions: list[str] = []
@@ -383,7 +436,7 @@ def parse_coverage(text: str, *, limit: int = 40) -> Parsed | ParseFailure:
         repairs += found.repairs
         if isinstance(found.value, _Pairs):
             for key, value in found.value:
-                if _NUMBER_KEY.search(key) and not _QUESTION_KEY.match(key):
+                if len(key) <= MAX_KEY_CHARS and _NUMBER_KEY.search(key) and not _is_question_key(key):
                     try:
                         number = int(str(value).strip())
                     except ValueError:
@@ -420,13 +473,20 @@ _LEAD_IN = re.compile(
     r"(?:sure|certainly|okay|ok)?[!,.]?\s*here(?:'s| is)[^\n:]{0,80}:\s*)",
     re.I,
 )
-_SENTENCE = re.compile(r"[^.!?]+[.!?]")
+_SENTENCE_END = re.compile(r"(?<=[.!?])")
+
+
+def _sentences(text: str) -> list[str]:
+    """The pieces of `text` that end in . ! or ?: a split, linear in the text (a search for
+    `[^.!?]+[.!?]` rescans the unterminated tail from every position: 20 s on 30 KB without a full
+    stop, as in Chinese or Japanese text)."""
+    return [piece for piece in _SENTENCE_END.split(text) if piece[-1:] in (".", "!", "?")]
 
 
 def copied_sentence(source: str, paraphrase: str, min_words: int = 8) -> str | None:
     """The first sentence of `source` (at least `min_words` words) repeated verbatim, or None."""
     target = normalise(paraphrase)
-    for sentence in _SENTENCE.findall(source):
+    for sentence in _sentences(source):
         norm = normalise(sentence)
         if len(norm.split()) >= min_words and norm in target:
             return sentence.strip()
@@ -437,8 +497,9 @@ def parse_paraphrase(text: str, source: str, *, finish_reason: str = "stop") -> 
     """The rewritten passage without lead-ins, fences or quotes; refuses truncated or copied text."""
     if finish_reason == "length":
         return ParseFailure("truncated")
-    if not text or not text.strip():
-        return ParseFailure("empty_reply")
+    if unreadable := _unreadable(text):
+        return unreadable
+    text = _squeeze(text)
     repairs: list[str] = []
     body = _strip_fences(text, repairs)
     lead = _LEAD_IN.match(body)

@@ -437,17 +437,23 @@ class Synthesizer:
                 )
 
         def advance(doc: Document, flow: Flow, replies: Replies | None):
+            # The except blocks only record what happened: the work that can fail itself (hashing the
+            # text, committing to the store) runs after them, so its error is not lost in a chain.
+            failure = None
             try:
                 return flow.send(replies) if replies is not None else next(flow)
             except StopIteration as stop:
-                finish(doc, stop.value)
+                outcome = stop.value
             except (SynthesisAborted, StoreError):
                 raise
             except Exception as err:  # a bug must not lose the run: the document is counted as an error
-                log.error("document %s (line %d) failed: %s", doc.id, doc.line, traceback.format_exc())
+                failure, trace = err, traceback.format_exc()
+            if failure is not None:
+                log.error("document %s (line %d) failed: %s", doc.id, doc.line, trace)
                 entry = {"doc": doc.index, "id": doc.id, "line": doc.line, "sha": doc.sha, "status": "error"}
-                entry.update(error=INTERNAL_ERROR, detail=f"{type(err).__name__}: {err}"[:300])
-                finish(doc, (entry, []))
+                entry.update(error=INTERNAL_ERROR, detail=f"{type(failure).__name__}: {failure}"[:300])
+                outcome = (entry, [])
+            finish(doc, outcome)
             return None
 
         active: dict[int, tuple[Document, Flow, list[Request]]] = {}

@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from clara_jax import atomic_files
+
 
 class StoreError(RuntimeError):
     """The output directory cannot be resumed (lost files, another corpus, other settings)."""
@@ -100,14 +102,7 @@ class ShardStore:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_files.write_json_atomic(path, obj, ensure_ascii=False)
 
 
 def check_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:

@@ -121,13 +121,23 @@ def _get(config, dotted: str):
     return node
 
 
+def same_model_path(a: str, b: str) -> bool:
+    """One base checkpoint named two ways ("runs/base" vs "/abs/runs/base", "smollm2" vs its cache)."""
+    if a == b:
+        return True
+    if not a or not b:
+        return False
+    return os.path.realpath(resolve_model_path(a)) == os.path.realpath(resolve_model_path(b))
+
+
 def check_chain(config, previous: dict, source: str) -> None:
     """The previous stage must have produced parameters this run can use."""
     prev = ml_collections.ConfigDict(previous)
     problems = []
     for key in CHAINED_KEYS:
         mine, theirs = _get(config, key), _get(prev, key)
-        if mine != theirs:
+        same = same_model_path(mine, theirs) if key == "model.path" else mine == theirs
+        if not same:
             problems.append(f"{key}: this run has {mine!r}, {source} was trained with {theirs!r}")
     expected_prev = {"stage2": "stage1", "stage3": "stage2"}.get(config.stage)
     if expected_prev and prev.stage != expected_prev:

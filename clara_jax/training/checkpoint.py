@@ -4,6 +4,13 @@ A checkpoint holds the train state (trainable parameters, optimizer state, step,
 the data iterator's position and the run's config. Orbax only lists steps whose write was
 committed, so a save interrupted by `kill -9` is invisible; a committed one that cannot be
 read (a corrupted file) is skipped with a warning and the next older one is used.
+
+A checkpoint that reads fine but does not fit this run (e.g. `lora.rank` changed) is another
+matter: falling back to an older one, or to step 0, would silently restart the run and let keep-N
+rotation delete the old run's checkpoints. So every checkpoint records the shape and dtype of each
+array of its state (`state_structure` in its meta); before restoring, that is compared with the
+state this run expects, and a difference raises `CheckpointMismatch` naming the settings that
+changed. Nothing is loaded or deleted.
 """
 
 from __future__ import annotations
@@ -16,7 +23,68 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from clara_jax.training.config import ConfigError
+
 log = logging.getLogger(__name__)
+# At most this many differing arrays / settings are listed in a mismatch error.
+_SHOWN = 8
+
+
+class CheckpointMismatch(ConfigError):
+    """A readable checkpoint whose arrays do not fit this run's state (its settings differ)."""
+
+
+def state_structure(tree) -> dict[str, list]:
+    """{leaf path: [shape, dtype]} of a state (arrays or ShapeDtypeStructs), JSON-serialisable."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): [list(x.shape), str(x.dtype)] for path, x in leaves}
+
+
+def _flat_config(d, prefix="") -> dict:
+    out = {}
+    for key, value in (d or {}).items():
+        if isinstance(value, dict):
+            out.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _shape_settings_first(key: str) -> tuple[bool, str]:
+    """Sort key: settings that shape the state (model, LoRA, stage, optimizer) are listed first."""
+    return (not key.startswith(("model.", "lora.", "stage", "optim.")), key)
+
+
+def _mismatch_message(where: str, saved: dict, expected: dict, saved_config, config) -> str:
+    """Which settings differ (by config) and which arrays differ (by structure)."""
+    lines = [f"{where} does not fit this run's state; it was saved with other settings."]
+    if saved_config is not None and config is not None:
+        theirs, mine = _flat_config(saved_config), _flat_config(config)
+        changed = [
+            k
+            for k in sorted(set(theirs) | set(mine), key=_shape_settings_first)
+            if theirs.get(k) != mine.get(k)
+        ]
+        if changed:
+            lines.append(
+                "Settings that differ (checkpoint -> this run): "
+                + ", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in changed[:_SHOWN])
+                + (f" (+{len(changed) - _SHOWN} more)" if len(changed) > _SHOWN else "")
+            )
+    missing = sorted(set(saved) - set(expected))
+    extra = sorted(set(expected) - set(saved))
+    reshaped = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+    arrays = [f"{k}: {saved[k][1]}{saved[k][0]} -> {expected[k][1]}{expected[k][0]}" for k in reshaped]
+    arrays += [f"{k}: only in the checkpoint" for k in missing] + [f"{k}: only in this run" for k in extra]
+    lines.append(
+        f"Arrays that differ ({len(arrays)}): "
+        + "; ".join(arrays[:_SHOWN])
+        + (" …" if len(arrays) > _SHOWN else "")
+    )
+    lines.append(
+        "Nothing was loaded or deleted. Resume with the checkpoint's settings, or train in a new --workdir."
+    )
+    return "\n  ".join(lines)
 
 
 def abstract_like(tree, shardings=None):
@@ -37,6 +105,7 @@ class Checkpointer:
         )
 
     def save(self, step: int, state, data_state: dict, meta: dict, *, wait: bool = False) -> None:
+        meta = {**meta, "state_structure": state_structure(state)}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
@@ -49,9 +118,41 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, abstract_state) -> tuple[int, Any, dict, dict] | None:
-        """(step, state, data_state, meta) of the newest readable checkpoint, or None."""
+    def _check_fits(self, step: int, expected: dict, config: dict | None) -> bool:
+        """Raise `CheckpointMismatch` if checkpoint `step` holds other arrays than `expected`;
+        False if its meta cannot be read (corruption: the caller skips it)."""
+        try:
+            meta = self.restore_meta(step)
+        except Exception as err:  # noqa: BLE001 - unreadable meta is corruption, handled by the caller
+            self._warn_unreadable(step, err)
+            return False
+        saved = meta.get("state_structure") if isinstance(meta, dict) else None
+        if saved is not None and saved != expected:
+            where = f"checkpoint {self.directory}/{step}"
+            raise CheckpointMismatch(_mismatch_message(where, saved, expected, meta.get("config"), config))
+        return True  # (a checkpoint from before state_structure existed: the restore decides)
+
+    def _warn_unreadable(self, step: int, err: BaseException) -> None:
+        log.warning(
+            "checkpoint %s/%d is unreadable (%s: %s); falling back to an older one",
+            self.directory,
+            step,
+            type(err).__name__,
+            (str(err).splitlines() or [""])[0][:200],
+        )
+
+    def restore_latest(
+        self, abstract_state, *, config: dict | None = None
+    ) -> tuple[int, Any, dict, dict] | None:
+        """(step, state, data_state, meta) of the newest readable checkpoint, or None.
+
+        A checkpoint whose arrays differ from `abstract_state` raises `CheckpointMismatch` (naming
+        the settings that differ from `config`, this run's config as a dict) instead of being skipped.
+        """
+        expected = state_structure(abstract_state)
         for step in reversed(self.steps()):
+            if not self._check_fits(step, expected, config):
+                continue
             try:
                 restored = self.manager.restore(
                     step,
@@ -62,13 +163,7 @@ class Checkpointer:
                     ),
                 )
             except Exception as err:  # noqa: BLE001 - any failure to read means "try an older one"
-                log.warning(
-                    "checkpoint %s/%d is unreadable (%s: %s); falling back to an older one",
-                    self.directory,
-                    step,
-                    type(err).__name__,
-                    str(err).splitlines()[0][:200],
-                )
+                self._warn_unreadable(step, err)
                 continue
             return step, restored.state, dict(restored.data), dict(restored.meta)
         return None

@@ -131,8 +131,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.data.policy in ("error", "skip"), "data.policy", "'error' or 'skip'")
     need(c.data.bucket >= 1, "data.bucket", ">= 1")
     need(c.data.num_epochs >= 1, "data.num_epochs", ">= 1")
+    need(c.data.eval_every >= 0, "data.eval_every", ">= 0 (0: no periodic dev evaluation)")
+    need(c.data.eval_questions >= 1, "data.eval_questions", ">= 1")
     if c.stage == "stage3":
         need(c.data.candidates >= k.top_k, "data.candidates", f">= clara.top_k = {k.top_k}")
+        need(
+            not c.data.eval_every or bool(c.data.eval),
+            "data.eval",
+            "a file with pos_index when data.eval_every > 0 (the dev questions to rank)",
+        )
         need(k.mse_weight == 0, "clara.mse_weight", "0 in stage 3 (the compressor is frozen)")
     need(c.batch.micro_size >= 1, "batch.micro_size", ">= 1")
     need(

@@ -25,10 +25,11 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from clara_jax.data.pipeline import BatchIterator, LayoutConfig
-from clara_jax.data.sources import read_records
+from clara_jax.data.sources import read_records, require_records
 from clara_jax.interop.gguf import resolve_model_path
 from clara_jax.model.flops import forward_flops, lora_train_flops, measured_matmul_flops
 from clara_jax.parallel.distributed import barrier
@@ -36,6 +37,7 @@ from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh, num_slices
 from clara_jax.parallel.rules import parse_rules
 from clara_jax.training.build import build_model, init_from_previous_stage, optimizer_config
 from clara_jax.training.checkpoint import Checkpointer, abstract_like
+from clara_jax.training.dev_retrieval import DevRetrieval
 from clara_jax.training.metrics import MetricsWriter, plot_history
 from clara_jax.training.stages import build_stage_trainer, stage_spec
 
@@ -144,6 +146,24 @@ def step_flops(cfg, stage: str, batch: dict, rank: int) -> float:
     return micro * (encoders + lora_train_flops(cfg, gen_rows, gen_len, lora_rank=rank))
 
 
+def dev_retrieval(config, built) -> DevRetrieval | None:
+    """The stage-3 periodic dev evaluation, when `data.eval_every` > 0 and `data.eval` is set."""
+    if config.stage != "stage3" or not config.data.eval_every:
+        return None
+    if not config.data.eval:
+        raise ValueError("data.eval_every > 0 needs data.eval (a file with pos_index) to evaluate on")
+    records, _ = read_records(config.data.eval, "eval", policy=config.data.policy)
+    return DevRetrieval(
+        records,
+        built.tokenizer,
+        built.clara,
+        n_questions=config.data.eval_questions,
+        query_max_length=config.clara.query_max_length,
+        bucket=config.data.bucket,
+        ks=(1, config.clara.top_k),
+    )
+
+
 def _finite(metrics: dict) -> bool:
     return all(math.isfinite(float(v)) for v in metrics.values())
 
@@ -158,6 +178,18 @@ def run_training(
     """
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
+    stage = config.stage
+    # Data first: a bad file fails in a second, before a model is built or a directory written.
+    records, report = read_records(
+        config.data.train,
+        stage,
+        policy=config.data.policy,
+        min_docs=config.clara.top_k if stage == "stage3" else None,
+        docs_per_example=config.clara.docs_per_example if stage == "stage2" else None,
+    )
+    log.info("%s", report.summary())
+    global_size = config.batch.global_size
+    require_records(records, report, at_least=global_size, purpose=f"one global batch of {global_size}")
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(_mesh_config(config, dcn_mesh))
     log.info(
@@ -171,16 +203,6 @@ def run_training(
 
     built = build_model(config)
     init_info = init_from_previous_stage(built, config, config.init_from) if config.init_from else None
-
-    stage = config.stage
-    records, report = read_records(
-        config.data.train,
-        stage,
-        policy=config.data.policy,
-        min_docs=config.clara.top_k if stage == "stage3" else None,
-        docs_per_example=config.clara.docs_per_example if stage == "stage2" else None,
-    )
-    log.info("%s", report.summary())
 
     def make_batches(num_epochs: int) -> BatchIterator:
         return BatchIterator(
@@ -207,9 +229,11 @@ def run_training(
         first,
         seed=config.seed,
         gumbel=config.clara.gumbel,
+        straight_through=config.clara.straight_through,
         rules=parse_rules(config.sharding_rules),
     )
     del first
+    dev = dev_retrieval(config, built)
 
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -217,7 +241,8 @@ def run_training(
         async_save=config.checkpoint.async_save,
     )
     state = trainer.state
-    restored = ckpt.restore_latest(abstract_like(state, trainer.shardings.state))
+    # a checkpoint of other settings (e.g. lora.rank) raises CheckpointMismatch: no silent restart
+    restored = ckpt.restore_latest(abstract_like(state, trainer.shardings.state), config=config.to_dict())
     start_step = 0
     if restored is not None:
         start_step, state, data_state, _ = restored
@@ -281,8 +306,19 @@ def run_training(
             gflops=f"{metrics['flops_per_s'] / 1e9:.1f}",
         )
 
+    def evaluate_dev(at_step: int) -> None:
+        """Dev Recall@k of the current query reasoner (stage 3, `data.eval_every`), in order with
+        the training rows; runs between steps, before the next one takes the state."""
+        if dev is None or at_step % config.data.eval_every:
+            return
+        scores = dev.evaluate(nnx.merge(trainer.graphdef, state.params, trainer.frozen))
+        writer.write(at_step, scores, prefix="dev")
+        log.info("step %d: dev %s", at_step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+
     with jax.set_mesh(mesh), _StopFlag() as stop:
         try:
+            if step == 0:
+                evaluate_dev(0)  # where the query reasoner starts
             tick = time.perf_counter()
             while step < total_steps:
                 try:
@@ -300,6 +336,7 @@ def run_training(
                 pending = (step, metrics, now - tick, flops, tokens)
                 tick = now
                 bar.update(1)
+                evaluate_dev(step)
                 stopping = stop.should_stop(step)
                 if step % config.checkpoint.every_steps == 0 or step == total_steps or stopping:
                     flush(pending)  # never checkpoint a state whose loss is not finite

@@ -11,6 +11,13 @@ import math
 import os
 from collections.abc import Iterable
 
+import numpy as np
+
+from clara_jax.atomic_files import write_bytes_atomic
+
+# Stage-3 numbers that explain the recall curve (clara_jax/training/retrieval_diagnostics.py).
+RETRIEVAL_DIAGNOSTICS = ("score_std", "topk_gap", "topk_entropy", "gold_outside_topk")
+
 
 class MetricsWriter:
     def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
@@ -55,14 +62,12 @@ def read_history(path: str) -> list[dict]:
 def truncate_history(path: str, last_step: int) -> None:
     """Keep rows up to `last_step` (the restored checkpoint); later ones will be recomputed."""
     rows = [r for r in read_history(path) if r["step"] <= last_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 def plot_history(workdir: str, keys: Iterable[str] | None = None) -> list[str]:
-    """One PNG per metric group (loss terms, recall@k, learning rate); returns the paths."""
+    """One PNG per metric group (loss terms, recall@k (train and dev), accuracy, learning rate,
+    gradient norms, stage-3 retrieval diagnostics); returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,20 +83,25 @@ def plot_history(workdir: str, keys: Iterable[str] | None = None) -> list[str]:
         "recall": [k for k in keys if "recall@" in k],
         "accuracy": [k for k in keys if "accuracy" in k],
         "learning_rate": [k for k in keys if k.endswith("learning_rate")],
+        "grad_norm": [k for k in keys if "grad_norm" in k],
+        "retrieval_diagnostics": [k for k in keys if k.rsplit("/", 1)[-1] in RETRIEVAL_DIAGNOSTICS],
     }
     paths = []
     for name, members in groups.items():
         if not members:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key in members:
-            pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
-            if pts:
-                ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 40 else None)
+        # quantities of different scales (the diagnostics) get one panel each, the others share one
+        panels = [[k] for k in members] if name == "retrieval_diagnostics" else [members]
+        fig, axes = plt.subplots(len(panels), 1, figsize=(7, 4 if len(panels) == 1 else 2.2 * len(panels)))
+        for ax, panel in zip(np.atleast_1d(axes), panels):
+            for key in panel:
+                pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+                if pts:
+                    ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 40 else None)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         ax.set_xlabel("step")
-        ax.set_title(f"{os.path.basename(os.path.abspath(workdir))}: {name}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        fig.suptitle(f"{os.path.basename(os.path.abspath(workdir))}: {name}")
         path = os.path.join(workdir, f"{name}.png")
         fig.tight_layout()
         fig.savefig(path, dpi=110)

@@ -24,6 +24,7 @@ from clara_jax.model.clara import (
     select_documents,
 )
 from clara_jax.model.topk import cosine_scores, differentiable_topk
+from clara_jax.training.retrieval_diagnostics import retrieval_diagnostics
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -80,11 +81,22 @@ def candidate_memory(model, batch, cfg: ClaraConfig):
     return jax.lax.stop_gradient(memory.reshape(b, n, cfg.n_mem, memory.shape[-1]))
 
 
-def retrieval_loss(model, batch, cfg: ClaraConfig, rng, *, train: bool = True, gumbel: bool = False):
+def retrieval_loss(
+    model,
+    batch,
+    cfg: ClaraConfig,
+    rng,
+    *,
+    train: bool = True,
+    gumbel: bool = False,
+    straight_through: bool = True,
+):
     """Stage 3: query reasoner -> cosine scores -> straight-through top-k -> generator CE.
 
     The compressor is frozen: the only path from the loss to the query reasoner is the top-k
-    weights W, exactly as in CLaRa's Algorithm 1.
+    weights W, exactly as in CLaRa's Algorithm 1. `straight_through=False` cuts that path (the
+    forward is unchanged): the control run of the stage-3 experiment, in which the query
+    reasoner receives no gradient at all.
     """
     rng_q, rng_g, rng_t = jax.random.split(rng, 3) if train else (None, None, None)
     query = encode_query(model, batch["query_ids"], batch["query_mask"], cfg.n_mem, dropout_rng=rng_q)
@@ -99,20 +111,41 @@ def retrieval_loss(model, batch, cfg: ClaraConfig, rng, *, train: bool = True, g
         key=rng_t if gumbel else None,
         valid_mask=batch["cand_valid"],
     )
+    if not straight_through:
+        weights = jax.lax.stop_gradient(weights)
     selected = select_documents(weights, memory)
     ce, acc, n_tokens = _generator_loss(model, batch, selected, cfg, rng_g)
     metrics = {"loss": ce, "ce": ce, "token_accuracy": acc, "target_tokens": n_tokens}
     for k in sorted({1, min(3, cfg.top_k), cfg.top_k}):
         metrics[f"recall@{k}"] = recall_at(indices, batch["positives"], k)
+    metrics.update(
+        retrieval_diagnostics(
+            scores,
+            indices,
+            batch["positives"],
+            batch["cand_valid"],
+            cfg.temperature,
+            mask_mode=cfg.topk_mask_mode,
+        )
+    )
     return ce, metrics
 
 
-def stage_loss_fn(stage: str, cfg: ClaraConfig, *, docs_per_example: int = 1, gumbel: bool = False):
+def stage_loss_fn(
+    stage: str,
+    cfg: ClaraConfig,
+    *,
+    docs_per_example: int = 1,
+    gumbel: bool = False,
+    straight_through: bool = True,
+):
     """The loss function `(model, batch, rng) -> (loss, metrics)` of a stage."""
     if stage in ("stage1", "stage2"):
         return lambda model, batch, rng: compression_loss(
             model, batch, cfg, rng, docs_per_example=docs_per_example
         )
     if stage == "stage3":
-        return lambda model, batch, rng: retrieval_loss(model, batch, cfg, rng, gumbel=gumbel)
+        return lambda model, batch, rng: retrieval_loss(
+            model, batch, cfg, rng, gumbel=gumbel, straight_through=straight_through
+        )
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")

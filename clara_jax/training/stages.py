@@ -89,6 +89,7 @@ def build_stage_trainer(
     seed: int = 0,
     batch_axes=("data", "fsdp"),
     gumbel: bool = False,
+    straight_through: bool = True,
 ) -> StageTrainer:
     """Split the model for `spec`, place state and frozen weights on `mesh`, jit the step.
 
@@ -108,6 +109,12 @@ def build_stage_trainer(
     )
     state = shard_state(state, shardings.state)
     frozen = shard_state(frozen, shardings.frozen)
-    loss_fn = stage_loss_fn(spec.name, clara, docs_per_example=spec.docs_per_example, gumbel=gumbel)
+    loss_fn = stage_loss_fn(
+        spec.name,
+        clara,
+        docs_per_example=spec.docs_per_example,
+        gumbel=gumbel,
+        straight_through=straight_through,
+    )
     step = compile_train_step(make_train_step(graphdef, loss_fn, tx, schedule), shardings, mesh)
     return StageTrainer(step, state, frozen, graphdef, shardings, schedule)

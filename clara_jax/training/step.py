@@ -40,6 +40,13 @@ def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
+def adapter_grad_norms(grads) -> dict:
+    """`grad_norm/<role>` per trained adapter (before clipping): e.g. whether the query reasoner
+    receives any signal in stage 3, next to the generator's."""
+    adapters = grads["adapters"] if "adapters" in grads else {}
+    return {f"grad_norm/{role}": optax.tree.norm(tree) for role, tree in adapters.items()}
+
+
 def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, schedule=None):
     """`step(state, frozen, batch) -> (state, metrics)`; every batch leaf is [micro_steps, ...].
 
@@ -73,6 +80,7 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics.update(adapter_grad_norms(grads))
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)

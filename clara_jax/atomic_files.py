@@ -1,0 +1,139 @@
+"""Writes a crash cannot tear: a file, or a whole directory, is there complete or not at all.
+
+A file is written beside its target under a hidden temporary name, fsynced, renamed over the
+target, and then its directory is fsynced so that the rename itself survives a power cut.
+
+A directory whose files only make sense together (WORKDIR/model: weights + clara.json) is built
+complete in a hidden sibling (`staging_dir`) and swapped in by `replace_dir` with two renames:
+
+    model -> .model.old      (the previous copy steps aside)
+    .model.new.PID -> model  (the new copy takes its place)
+    rm -r .model.old
+
+A crash between the two renames leaves no `model`, only `.model.old` (complete): `live_dir` sends
+readers there, and the next `replace_dir` keeps it until the new copy is in place. So at every
+instant a reader finds exactly the old copy or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make renames and creations inside `path` durable (a no-op where directories cannot be fsynced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path(path: str | os.PathLike) -> str:
+    """The hidden per-process temporary name `write_bytes_atomic` writes `path` under."""
+    path = os.fspath(path)
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp.{os.getpid()}")
+
+
+def remove_temps(path: str | os.PathLike) -> list[str]:
+    """Delete the temporary files a killed writer of `path` left behind; returns what was removed."""
+    path = os.fspath(path)
+    pattern = os.path.join(
+        glob.escape(os.path.dirname(path)), f".{glob.escape(os.path.basename(path))}.tmp.*"
+    )
+    removed = []
+    for stale in glob.glob(pattern):
+        try:
+            os.remove(stale)
+            removed.append(stale)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_json_atomic(path: str | os.PathLike, obj, *, ensure_ascii: bool = True) -> None:
+    """`obj` as indented JSON (with a final newline), atomically."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=ensure_ascii) + "\n").encode())
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file, then every directory (deepest first), under `root`."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                continue
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(directory)
+
+
+def _sibling(target: str, role: str) -> str:
+    parent, name = os.path.split(os.path.abspath(target))
+    return os.path.join(parent, f".{name}.{role}")
+
+
+def staging_dir(target: str | os.PathLike) -> str:
+    """A fresh, empty hidden sibling of `target` to build its next copy in.
+
+    Half-built copies a killed writer left (`.NAME.new.*`) are removed first: one directory has
+    one writer at a time.
+    """
+    target = os.path.abspath(os.fspath(target))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    for stale in glob.glob(glob.escape(_sibling(target, "new")) + ".*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    path = f"{_sibling(target, 'new')}.{os.getpid()}"
+    os.makedirs(path)
+    return path
+
+
+def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Swap the complete directory `staging` in as `target` (see the module docstring)."""
+    staging, target = os.path.abspath(os.fspath(staging)), os.path.abspath(os.fspath(target))
+    parent, old = os.path.dirname(target), _sibling(target, "old")
+    fsync_tree(staging)
+    fsync_dir(parent)
+    if os.path.isdir(target):
+        if os.path.lexists(old):  # left by a swap that had finished its renames: `target` is complete
+            shutil.rmtree(old)
+        os.rename(target, old)
+        fsync_dir(parent)
+    # else: a crash fell between the renames of an earlier swap and `old` is the complete copy;
+    # it stays (readers use it) until the new copy is in place.
+    os.rename(staging, target)
+    fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def live_dir(target: str | os.PathLike) -> str:
+    """The directory holding `target`'s complete copy: `target` itself, or `.NAME.old` when a
+    crash fell between `replace_dir`'s two renames (then `target` does not exist)."""
+    target = os.fspath(target)
+    if os.path.isdir(target):
+        return target
+    old = _sibling(target, "old")
+    return old if os.path.isdir(old) else target
