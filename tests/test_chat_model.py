@@ -28,6 +28,7 @@ def chat():
     return load_chat_model("tiny", batch_size=8, seed=0)
 
 
+@pytest.mark.slow
 def test_batched_greedy_equals_one_at_a_time(chat):
     assert len(CONVERSATIONS) > chat.batch_size  # two batches, the second one padded
     batched = chat.chat(CONVERSATIONS, max_new_tokens=12)
@@ -39,6 +40,7 @@ def test_batched_greedy_equals_one_at_a_time(chat):
         assert r.finish_reason == "length" and r.completion_tokens == 12 and isinstance(r.text, str)
 
 
+@pytest.mark.slow
 def test_one_device_pads_to_power_of_two_batches(monkeypatch):
     """Without data parallelism a lone request runs as a batch of 1, three as a batch of 4."""
     import clara_jax.inference.chat as chat_module
@@ -57,6 +59,7 @@ def test_one_device_pads_to_power_of_two_batches(monkeypatch):
     assert shapes == [4, 1, 1, 1] and batched == alone
 
 
+@pytest.mark.slow
 def test_per_conversation_limits_equal_separate_calls(chat):
     limits = [3, 12, 7]
     mixed = chat.chat(CONVERSATIONS[:3], max_new_tokens=limits)

@@ -41,6 +41,7 @@ def test_config_validation():
     assert fx.clara_config().n_mem == 4
 
 
+@pytest.mark.slow
 def test_compression_is_independent_of_padding_bucket():
     """Bucketed (short) padding gives the same memory vectors and MSE as full padding."""
     model = fx.tiny_clara()
@@ -55,6 +56,7 @@ def test_compression_is_independent_of_padding_bucket():
     np.testing.assert_allclose(mse_a, mse_b, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_mse_matches_its_definition():
     model = fx.tiny_clara()
     ids, mask = fx.encoder_rows(np.random.default_rng(1), 2, 10)
@@ -69,6 +71,7 @@ def test_mse_matches_its_definition():
     np.testing.assert_allclose(float(mse), np.mean(np.square(diffs)), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_query_reasoner_uses_its_own_adapter():
     model = fx.tiny_clara()
     ids, mask = fx.encoder_rows(np.random.default_rng(2), 2, 8)
@@ -78,6 +81,7 @@ def test_query_reasoner_uses_its_own_adapter():
     assert np.abs(np.asarray(q) - np.asarray(c).reshape(2, -1)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_splice_writes_documents_in_order_and_keeps_sep():
     model = fx.tiny_clara()
     batch = fx.generator_rows(np.random.default_rng(3), 2, 3)
@@ -111,6 +115,7 @@ def test_cross_entropy_and_recall_definitions():
     np.testing.assert_allclose(recall_at(jnp.asarray([[-1, 0]]), jnp.asarray([[True, False]]), 2), 1.0)
 
 
+@pytest.mark.slow
 def test_stage1_gradients_reach_compressor_rows_and_generator():
     model = fx.tiny_clara()
     cfg = fx.clara_config()
@@ -124,6 +129,7 @@ def test_stage1_gradients_reach_compressor_rows_and_generator():
     assert _max_abs(grads["adapters"]["query_reasoner"]) == 0.0
 
 
+@pytest.mark.slow
 def test_stage2_splices_k_documents():
     model = fx.tiny_clara()
     cfg = fx.clara_config()
@@ -139,6 +145,7 @@ def test_stage2_splices_k_documents():
     assert abs(float(changed) - float(loss)) > 1e-6
 
 
+@pytest.mark.slow
 def test_stage3_gradient_reaches_query_reasoner_only_through_topk():
     model = fx.tiny_clara()
     cfg = fx.clara_config()
@@ -162,6 +169,7 @@ def test_stage3_gradient_reaches_query_reasoner_only_through_topk():
     assert _max_abs(cut["adapters"]["query_reasoner"]) == 0.0
 
 
+@pytest.mark.slow
 def test_stage3_cached_embeddings_equal_recompression():
     model = fx.tiny_clara()
     cfg = fx.clara_config()
@@ -180,6 +188,7 @@ def test_stage3_cached_embeddings_equal_recompression():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_select_documents_forward_is_exact_topk():
     memory = jax.random.normal(jax.random.key(0), (2, 5, fx.N_MEM, 8))
     weights = jax.nn.one_hot(jnp.asarray([[3, 1], [0, 4]]), 5)
@@ -201,6 +210,7 @@ def _stack(batches):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_averages_micro_batches():
     model = fx.tiny_clara()
     cfg = fx.clara_config()
@@ -224,6 +234,7 @@ def test_gradient_accumulation_averages_micro_batches():
     assert int(new_state.step) == 1 and set(metrics) >= {"loss", "ce", "mse", "grad_norm"}
 
 
+@pytest.mark.slow
 def test_simple_synthetic_task_loss_falls():
     """Stage 1 on 'repeat the document': only the memory vectors carry the answer."""
     rng = np.random.default_rng(0)

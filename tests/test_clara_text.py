@@ -6,6 +6,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from clara_jax.data.layouts import encoder_batch, generator_batch, label_ids
@@ -55,6 +56,7 @@ def _arrays(enc, gen):
     }
 
 
+@pytest.mark.slow
 def test_stage1_on_real_text():
     tok, model, cfg = _setup()
     records = _train_records(2)
@@ -76,6 +78,7 @@ def test_stage1_on_real_text():
     assert text == " " + expected + "</s>"
 
 
+@pytest.mark.slow
 def test_splice_places_memory_at_the_rendered_slots():
     tok, model, cfg = _setup()
     prompts = [standard_prompt(tok, "Who wrote it?", 2, "Ann."), standard_prompt(tok, "Where?", 2, "Paris.")]
@@ -89,6 +92,7 @@ def test_splice_places_memory_at_the_rendered_slots():
             np.testing.assert_allclose(out[r, s : s + N_MEM], memory[r, d], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_stage3_on_real_text_with_short_queries():
     tok, model, cfg = _setup()
     records = _train_records(6)

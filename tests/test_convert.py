@@ -136,6 +136,7 @@ def clara_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_peft_round_trip_matches_pytorch(clara_dir, tmp_path):
     out = tmp_path / "peft"
     assert _cli(["convert", "--to-peft", str(clara_dir), "--out", str(out)]) == 0
@@ -257,6 +258,7 @@ def official_ckpt(tmp_path_factory):
     return _official_checkpoint(tmp_path_factory.mktemp("official_layout"))
 
 
+@pytest.mark.slow
 def test_official_checkpoint_matches_pytorch(official_ckpt, tmp_path):
     hf, base_dir, ckpt = official_ckpt
     out = tmp_path / "converted"
@@ -305,6 +307,7 @@ def test_official_checkpoint_matches_pytorch(official_ckpt, tmp_path):
     assert _max_diff(plain, expected, mask) > 1e-2, "the generator adapter must matter"
 
 
+@pytest.mark.slow
 def test_official_copy_base_writes_a_full_base(official_ckpt, tmp_path):
     hf, base_dir, ckpt = official_ckpt
     out = convert_official(ckpt, base_dir, tmp_path / "copied", copy_base=True)

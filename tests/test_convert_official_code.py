@@ -125,6 +125,7 @@ def test_fixture_was_made_by_the_official_code():
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(adapters["encoder_adapter"])
 
 
+@pytest.mark.slow
 def test_official_fixture_converts_and_matches_official_outputs(tmp_path):
     measured = check_against_official(FIXTURE, FIXTURE / "base", tmp_path)
     print(json.dumps(measured, indent=1))

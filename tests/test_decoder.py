@@ -39,6 +39,7 @@ def _valid(x, mask):
     return np.asarray(x)[np.asarray(mask).astype(bool)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window", [0, 5])
 def test_cached_greedy_equals_full_recomputation(window):
     model = _model(sliding_windows=(window, window))
@@ -53,6 +54,7 @@ def test_cached_greedy_equals_full_recomputation(window):
         m = np.concatenate([m, np.ones((3, 1), m.dtype)], 1)
 
 
+@pytest.mark.slow
 def test_generation_stops_at_eos_and_pads():
     model = _model()
     ids, mask = _batch()
@@ -68,6 +70,7 @@ def test_generation_stops_at_eos_and_pads():
     np.testing.assert_array_equal(out[0, : stop + 1], free[0, : stop + 1])
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_top_p_tiny_is_greedy():
     model = _model()
     ids, mask = _batch()
@@ -107,6 +110,7 @@ def test_left_padding_does_not_change_a_row():
     np.testing.assert_allclose(np.asarray(model(ids, mask))[1, -7:], np.asarray(alone)[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_adapters_identity_distinct_and_switchable():
     model = _model()
     for name, seed in (("compressor", 1), ("generator", 2), ("fresh", 3)):
@@ -142,6 +146,7 @@ def test_adapters_identity_distinct_and_switchable():
     np.testing.assert_allclose(g2, gen, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lora_targets_regex_and_dropout():
     model = _model()
     only_layer1_q = LoRAConfig(rank=2, target_modules=r"model\.layers\.1\.self_attn\.q_proj")
@@ -189,6 +194,7 @@ def test_trainable_filter_selects_exactly_adapters_and_rows():
     assert all(bool(v) == ("compressor" in p) for p, v in flat.items())
 
 
+@pytest.mark.slow
 def test_only_trainable_leaves_get_gradients_and_updates():
     model = _model()
     model.add_adapter("generator", LoRAConfig(rank=4), rngs=nnx.Rngs(1))
@@ -255,6 +261,7 @@ def test_tied_embedding_rows_train_as_outputs_too():
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_and_bfloat16_policy(tmp_path):
     ids, mask = _batch()
     model = _model()
@@ -286,6 +293,7 @@ def test_remat_and_bfloat16_policy(tmp_path):
     assert 0 < err < 0.05, err  # bf16 rounding, nothing worse
 
 
+@pytest.mark.slow
 def test_scan_keeps_program_size_independent_of_depth():
     def eqn_count(layers):
         model = _model(num_layers=layers)

@@ -108,6 +108,7 @@ def setup(tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_export_has_every_id_once_and_equals_direct_compression(setup):
     ids, emb, manifest = _load_export(setup["ref"])
     assert ids == [r["id"] for r in setup["rows"]]
@@ -157,6 +158,7 @@ _CRASHY_EXPORT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_gives_the_uninterrupted_export(setup, tmp_path):
     out = str(tmp_path / "crashed")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
@@ -388,6 +390,7 @@ def test_search_questions_and_cli(setup, capsys):
     assert "exported with a different model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_from_index_answers_from_stored_vectors(setup):
     """Stage-3 inference over an index: search, fetch the stored vectors, answer from them."""
     from clara_jax.inference.model_dir import load_inference

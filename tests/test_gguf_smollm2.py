@@ -77,6 +77,7 @@ def _chat_batch(tok, questions):
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
 
+@pytest.mark.slow
 def test_logits_match_transformers_gguf_loader(model, tokenizer, reference):
     ids, mask = _chat_batch(tokenizer, QUESTIONS)
     assert len(set(mask.sum(1))) == len(QUESTIONS)  # real left padding in every row but one
@@ -89,6 +90,7 @@ def test_logits_match_transformers_gguf_loader(model, tokenizer, reference):
     assert diff <= 1e-3
 
 
+@pytest.mark.slow
 def test_greedy_answer_matches_transformers(model, tokenizer, reference):
     import torch
 

@@ -39,6 +39,7 @@ def test_logits_match_with_left_padding(family):
     assert _valid_max_diff(got, expected, mask) <= 1e-4, name
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches(family):
     name, path, torch_model = family
     model = load_decoder(path)
@@ -53,6 +54,7 @@ def test_greedy_generation_matches(family):
     np.testing.assert_array_equal(np.asarray(got), expected, err_msg=name)
 
 
+@pytest.mark.slow
 def test_lora_adapter_matches_peft(family, tmp_path):
     """A PEFT adapter with perturbed (non-zero) factors, loaded by us, gives PEFT's logits and text."""
     name, path, torch_model = family

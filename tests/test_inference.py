@@ -57,6 +57,7 @@ def saved(tmp_path_factory):
     return tok, model, clara, out
 
 
+@pytest.mark.slow
 def test_saved_model_reloads_identically(saved):
     tok, model, clara, out = saved
     tok2, model2, clara2 = load_clara_model(str(out))
@@ -70,6 +71,7 @@ def test_saved_model_reloads_identically(saved):
     )
 
 
+@pytest.mark.slow
 def test_model_with_referenced_base(tmp_path):
     tok = load_tokenizer(TINY_TOKENIZER_DIR, n_mem=4)
     base = Decoder(tiny_config(vocab_size=tok.base_vocab_size), rngs=nnx.Rngs(3))
@@ -84,6 +86,7 @@ def test_model_with_referenced_base(tmp_path):
         np.testing.assert_allclose(loaded(ids, adapter=role), model(ids, adapter=role), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_greedy_from_spliced_embeddings_equals_recomputation(saved):
     tok, model, clara, _ = saved
     inference = ClaraInference(tok, model, clara, batch_size=2)
@@ -114,6 +117,7 @@ def test_greedy_from_spliced_embeddings_equals_recomputation(saved):
         m = jnp.concatenate([m, jnp.ones((2, 1), bool)], axis=1)
 
 
+@pytest.mark.slow
 def test_official_style_api(saved):
     tok, model, clara, _ = saved
     inference = ClaraInference(tok, model, clara, batch_size=4)
@@ -130,6 +134,7 @@ def test_official_style_api(saved):
         inference.rerank(["a"], [DOCS[:2]], k=3)
 
 
+@pytest.mark.slow
 def test_eval_cli(saved, tmp_path, capsys):
     _, _, _, out = saved
     data = tmp_path / "eval.jsonl"
@@ -170,6 +175,7 @@ def test_eval_cli(saved, tmp_path, capsys):
     assert code == 2  # not a model directory: a clear error, not a traceback
 
 
+@pytest.mark.slow
 def test_data_parallel_over_local_devices_equals_one_device(saved):
     tok, model, clara, _ = saved
     assert jax.local_device_count() == 8

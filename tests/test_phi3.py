@@ -41,6 +41,7 @@ def test_loaded_config_matches_transformers(phi3):
     assert cfg.rope_scaling[4] == pytest.approx(rotary.attention_scaling)
 
 
+@pytest.mark.slow
 def test_long_factors_beyond_original_window(phi3):
     """Positions past original_max_position_embeddings (64) switch every position of the call
     to the long factors, as transformers does per forward."""
@@ -55,6 +56,7 @@ def test_long_factors_beyond_original_window(phi3):
     assert _max_diff(got[2:, -20:], short, mask[2:, -20:]) > 1e-3
 
 
+@pytest.mark.slow
 def test_lora_on_unfused_projections_matches_peft(phi3, tmp_path):
     path, _ = phi3
     lora_cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["o_proj", "down_proj"])

@@ -148,6 +148,7 @@ def test_mistral_qa_prompt_exact(mistral):
 # ---------------------------------------------------------------- Qwen
 
 
+@pytest.mark.slow
 @needs_qwen
 def test_qwen_vocab_and_clara_tokens(qwen):
     assert qwen.hf.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
@@ -160,6 +161,7 @@ def test_qwen_vocab_and_clara_tokens(qwen):
     _check_clara_tokens(qwen, 151665)
 
 
+@pytest.mark.slow
 @needs_qwen
 @pytest.mark.parametrize("text", (*TEXTS, "日本語のテキスト 🙂 and 12345 digits <|im_end|>"))
 def test_qwen_parity_and_round_trip(qwen, text):

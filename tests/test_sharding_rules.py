@@ -161,6 +161,7 @@ def _spec(shardings, *path):
     return node.get_raw_value().spec
 
 
+@pytest.mark.slow
 def test_state_shardings_of_tiny_decoder(mesh, model):
     shardings = state_shardings(model, mesh, DEFAULT_RULES)
     assert _spec(shardings, "embed") == P("tensor", "fsdp")
@@ -196,6 +197,7 @@ def test_variables_without_axes_and_bare_arrays_are_replicated(mesh):
     assert shardings["x"].spec == P()
 
 
+@pytest.mark.slow
 def test_sharded_forward_matches_single_device(mesh, model):
     rules = DEFAULT_RULES
     ids = jax.random.randint(jax.random.key(3), (4, 12), 0, tiny_config().vocab_size)

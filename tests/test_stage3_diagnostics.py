@@ -75,6 +75,7 @@ def test_train_step_reports_gradient_norms_and_diagnostics_and_the_cut_stops_the
     assert cut["grad_norm/query_reasoner"] == 0.0 and cut["grad_norm/generator"] > 1e-4
 
 
+@pytest.mark.slow
 def test_dev_retrieval_ranks_with_the_query_reasoner():
     """With the query reasoner equal to the compressor, a candidate whose text is the question
     itself scores cosine 1: recall@1 is 1 when that candidate is the gold, 0 when another is."""

@@ -533,6 +533,7 @@ def _cli(tmp_path, corpus, out, script, *extra):
     return cmd
 
 
+@pytest.mark.slow
 def test_kill_and_resume_processes_every_document_exactly_once(tmp_path):
     passages = [
         f"Passage {i} tells of the village of Norr{i} and its {i} mills on the river." for i in range(14)

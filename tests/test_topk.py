@@ -41,6 +41,7 @@ def _scores(rng, b, n):
 # 1. Forward value is exactly the hard top-k.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask_mode", ["exact", "official"])
 def test_forward_is_hard_topk(mask_mode):
     rng = np.random.default_rng(0)
@@ -106,6 +107,7 @@ def _official_jax(s, r, m, q, tau, *, k):
     return w, idx, g_lin, g_sel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("torch_dtype", ["float32", "float64"])
 def test_official_mode_matches_torch(torch_dtype):
     torch = pytest.importorskip("torch")
@@ -358,6 +360,7 @@ def test_too_few_candidates_under_jit_are_flagged(mask_mode):
 # 6. jit.
 
 
+@pytest.mark.slow
 def test_jit_matches_eager():
     rng = np.random.default_rng(8)
     s = _scores(rng, 3, 20)

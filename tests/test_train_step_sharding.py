@@ -41,6 +41,7 @@ def _run(stage, mesh, steps=2):
     return state, losses, trainer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["stage1", "stage3"])
 def test_sharded_step_equals_single_device(stage):
     assert jax.device_count() == 8, "tests/conftest.py must set 8 host devices before jax is imported"
@@ -59,6 +60,7 @@ def test_sharded_step_equals_single_device(stage):
     assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state8.params))
 
 
+@pytest.mark.slow
 def test_step_compiles_ahead_of_time_with_memory_report():
     mesh = make_mesh(MeshConfig.from_spec("data=2,fsdp=2,tensor=2"))
     _, _, trainer = _run("stage1", mesh, steps=0)
