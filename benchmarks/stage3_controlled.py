@@ -19,19 +19,19 @@ import os
 from clara_jax.training.controlled_stage3 import ControlledConfig, plot_controlled, run_controlled_experiment
 
 
+def _arg_type(field: dataclasses.Field):
+    if isinstance(field.default, bool):
+        return lambda v: v.lower() in ("1", "true", "yes")
+    return int if field.default is None else type(field.default)  # None: control_steps
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="runs/stage3_controlled")
     for field in dataclasses.fields(ControlledConfig):
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            type=(lambda v: v.lower() in ("1", "true", "yes"))
-            if field.type in ("bool", bool)
-            else type(field.default),
-            default=field.default,
-        )
+        parser.add_argument("--" + field.name.replace("_", "-"), type=_arg_type(field), default=field.default)
     args = parser.parse_args(argv)
     cfg = ControlledConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ControlledConfig)})
     os.makedirs(args.out, exist_ok=True)

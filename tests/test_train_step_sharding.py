@@ -41,14 +41,29 @@ def _run(stage, mesh, steps=2):
     return state, losses, trainer
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["stage1", "stage3"])
-def test_sharded_step_equals_single_device(stage):
-    assert jax.device_count() == 8, "tests/conftest.py must set 8 host devices before jax is imported"
+def _meshes():
     one = make_mesh(MeshConfig.from_spec("data=1,fsdp=1,tensor=1"), devices=jax.devices()[:1])
     eight = make_mesh(MeshConfig.from_spec("data=2,fsdp=2,tensor=2"))
+    return one, eight
+
+
+@pytest.fixture(scope="module")
+def stage1_on_eight():
+    """Two stage-1 steps on the 8-device mesh: compared with one device below, and its compiled step
+    is the one whose memory report is checked (one compilation of it for both tests)."""
+    return _run("stage1", _meshes()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["stage1", "stage3"])
+def test_sharded_step_equals_single_device(stage, request):
+    assert jax.device_count() == 8, "tests/conftest.py must set 8 host devices before jax is imported"
+    one, eight = _meshes()
     state1, losses1, _ = _run(stage, one)
-    state8, losses8, trainer8 = _run(stage, eight)
+    if stage == "stage1":
+        state8, losses8, trainer8 = request.getfixturevalue("stage1_on_eight")
+    else:
+        state8, losses8, trainer8 = _run(stage, eight)
     np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
     leaves1, leaves8 = jax.tree.leaves(state1.params), jax.tree.leaves(state8.params)
     assert len(leaves1) == len(leaves8) > 0
@@ -61,10 +76,12 @@ def test_sharded_step_equals_single_device(stage):
 
 
 @pytest.mark.slow
-def test_step_compiles_ahead_of_time_with_memory_report():
-    mesh = make_mesh(MeshConfig.from_spec("data=2,fsdp=2,tensor=2"))
-    _, _, trainer = _run("stage1", mesh, steps=0)
-    report = memory_report(trainer.step, trainer.state, trainer.frozen, _micro_batches("stage1", 0))
+def test_step_compiles_ahead_of_time_with_memory_report(stage1_on_eight):
+    # the stage-1 step on the (data=2, fsdp=2, tensor=2) mesh, lowered and compiled ahead of time for
+    # a state of the trainer's shapes and shardings (the live state after its steps: the trainer's
+    # initial one was donated to the first step)
+    state, _, trainer = stage1_on_eight
+    report = memory_report(trainer.step, state, trainer.frozen, _micro_batches("stage1", 0))
     assert report.startswith("per-device memory:") and "temp=" in report
 
 

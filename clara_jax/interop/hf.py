@@ -1,13 +1,15 @@
 """transformers checkpoints <-> our Decoder, tensor by tensor, without torch.
 
 Torch `Linear` weights are [out, in]; our kernels are [in, out]. RoPE uses HF's rotate-half
-layout, so q/k need no permutation. Per-layer tensors are stacked into the scanned layout.
+layout, so q/k need no permutation. Per-layer tensors are stacked into the scanned layout; onto a
+mesh, each device's shard of a stack is read from the files by itself (`load_decoder(mesh=...)`).
 Phi-3's fused `qkv_proj` / `gate_up_proj` are split into our separate projections at load (so
 LoRA by projection name keeps working) and fused back at save.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clara_jax.interop.safetensors_io import open_checkpoint
+from clara_jax.interop.safetensors_io import open_checkpoint, read_slice
 from clara_jax.model.config import DecoderConfig
 from clara_jax.model.decoder import Decoder
+from clara_jax.parallel.rules import DEFAULT_RULES, state_shardings
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # HF per-layer suffix -> (our stacked name, transpose)
@@ -79,21 +82,32 @@ def _expected_keys(cfg: DecoderConfig, layer_names) -> list[str]:
     return keys
 
 
-def load_decoder(
-    path: str | os.PathLike, dtype="float32", *, remat: str = "none", strict: bool = True, shardings=None
-) -> Decoder:
-    """Read a local transformers directory (config.json + safetensors) into a Decoder.
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where one of our arrays (one layer's, or a global one) lives: a checkpoint tensor, transposed
+    for Linear weights, or the rows of a fused tensor from `row_offset` on."""
 
-    `dtype` is a DTypePolicy spec ('float32', 'bfloat16', 'p=bfloat16,c=float32').
-    `shardings`, when given, maps our parameter paths to `jax.sharding.Sharding`s so each
-    stacked tensor is placed straight onto the mesh (no full-model copy on one device).
+    file: str
+    key: str
+    transpose: bool = False
+    row_offset: int = 0
+
+    def read(self, index: tuple[slice, ...]) -> np.ndarray:
+        """The part at `index` (start/stop slices in our layout), as stored; nothing else is read."""
+        on_disk = index[::-1] if self.transpose else index
+        if self.row_offset:
+            rows = on_disk[0]
+            on_disk = (slice(rows.start + self.row_offset, rows.stop + self.row_offset),) + on_disk[1:]
+        value = read_slice(self.file, self.key, on_disk)
+        return value.T if self.transpose else value
+
+
+def _plan_sources(path: str, cfg: DecoderConfig, model: Decoder, strict: bool) -> dict[tuple, object]:
+    """Our parameter path -> its `_Source` (a list of one per layer for stacked parameters).
+
+    Names and shapes are checked from the file headers alone, before any weight is read.
     """
-    path = str(path)
-    cfg = DecoderConfig.from_hf_dir(path)
-    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))
-    param_dtype = model.policy.param
     tensors = open_checkpoint(path)
-
     layer_names = list(model.layers.keys())
     missing = [k for k in _expected_keys(cfg, layer_names) if k not in tensors]
     if missing:
@@ -102,8 +116,8 @@ def load_decoder(
             f"{path}: checkpoint lacks tensors required by its config ({cfg.model_type}): {shown}"
         )
 
-    stacked = {name: np.zeros(model.layers[name].shape, param_dtype) for name in layer_names}
-    singles = {}
+    stacked = {name: [None] * cfg.num_layers for name in layer_names}
+    sources = {}
     unexpected = []
     fused = cfg.model_type in _FUSED_MODEL_TYPES
     for key, file in tensors.items():
@@ -113,34 +127,36 @@ def load_decoder(
             if layer >= cfg.num_layers:
                 unexpected.append(key)
                 continue
-            value = file.get(key)
+            shape = file.readable_shape(key)
             sizes = _fused_sizes(cfg, match.group(2))
-            if tuple(value.shape) != (sum(sizes), cfg.hidden_size):
+            if shape != (sum(sizes), cfg.hidden_size):
                 raise ValueError(
-                    f"{path}: tensor {key} has shape {value.shape}, config implies {(sum(sizes), cfg.hidden_size)}"
+                    f"{path}: tensor {key} has shape {shape}, config implies {(sum(sizes), cfg.hidden_size)}"
                 )
-            for part_suffix, part in zip(
-                _FUSED[match.group(2)], np.split(value, np.cumsum(sizes)[:-1], axis=0), strict=True
-            ):
+            offsets = np.cumsum((0,) + sizes[:-1])
+            for part_suffix, offset in zip(_FUSED[match.group(2)], offsets, strict=True):
                 name, _ = _LAYER_KEYS[part_suffix]
-                stacked[name][layer] = part.T.astype(param_dtype)
+                stacked[name][layer] = _Source(file.path, key, transpose=True, row_offset=int(offset))
         elif match and match.group(2) in _LAYER_KEYS and _LAYER_KEYS[match.group(2)][0] in stacked:
             name, transpose = _LAYER_KEYS[match.group(2)]
             layer = int(match.group(1))
             if layer >= cfg.num_layers or (fused and any(match.group(2) in p for p in _FUSED.values())):
                 unexpected.append(key)  # a phi3 checkpoint carries these only in fused form
                 continue
-            value = file.get(key)
-            value = value.T if transpose else value
-            target = stacked[name][layer]
-            if value.shape != target.shape:
+            shape = file.readable_shape(key)
+            target = model.layers[name].shape[1:]
+            if (shape[::-1] if transpose else shape) != target:
                 raise ValueError(
-                    f"{path}: tensor {key} has shape {file.get(key).shape}, config implies "
-                    f"{target.shape[::-1] if transpose else target.shape}"
+                    f"{path}: tensor {key} has shape {shape}, config implies "
+                    f"{target[::-1] if transpose else target}"
                 )
-            stacked[name][layer] = value.astype(param_dtype)
+            stacked[name][layer] = _Source(file.path, key, transpose)
         elif key in _GLOBAL_KEYS and not (key == "lm_head.weight" and cfg.tie_word_embeddings):
-            singles[_GLOBAL_KEYS[key]] = file.get(key)
+            name = _GLOBAL_KEYS[key]
+            shape, expected = file.readable_shape(key), getattr(model, name).shape
+            if shape != expected:
+                raise ValueError(f"{path}: tensor for {name} has shape {shape}, expected {expected}")
+            sources[(name,)] = _Source(file.path, key)
         elif key == "lm_head.weight" or _IGNORED.fullmatch(key):
             continue  # tied models may still ship a copy of the embedding as lm_head
         else:
@@ -150,21 +166,76 @@ def load_decoder(
             f"{path}: tensors this decoder does not use: {', '.join(unexpected[:12])}"
             f"{' …' if len(unexpected) > 12 else ''} (pass strict=False to ignore them)"
         )
+    sources.update({("layers", name): layers for name, layers in stacked.items()})
+    return sources
 
-    def place(name, value, var):
-        if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"{path}: tensor for {name} has shape {value.shape}, expected {var.shape}")
-        value = np.asarray(value).astype(param_dtype)
-        sharding = None if shardings is None else shardings.get(name)
-        var.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
 
-    for name, value in stacked.items():
-        place(f"layers.{name}", value, model.layers[name])
-    place("embed", singles["embed"], model.embed)
-    place("final_norm", singles["final_norm"], model.final_norm)
-    if model.lm_head is not None:
-        place("lm_head", singles["lm_head"], model.lm_head)
-    model.embed_rows.set_value(jnp.zeros(model.embed_rows.shape, model.embed_rows.dtype))
+def _reader(source, dtype):
+    """index (start/stop slices) -> that part of the parameter as `dtype`, converted slice by slice;
+    a stacked parameter reads only the layers the index covers."""
+    if isinstance(source, _Source):
+        return lambda index: np.ascontiguousarray(source.read(index), dtype)
+
+    def read_layers(index):
+        layers, rest = index[0], index[1:]
+        picked = source[layers]
+        out = np.empty((len(picked),) + tuple(s.stop - s.start for s in rest), dtype)
+        for i, layer in enumerate(picked):
+            out[i] = layer.read(rest)  # the assignment converts to `dtype`
+        return out
+
+    return read_layers
+
+
+def _place(shape, read, sharding) -> jax.Array:
+    """One parameter on the default device (sharding None) or straight into its shards: each
+    device's callback reads just its slice, once per distinct slice (replicas share it)."""
+    whole = tuple(slice(0, n) for n in shape)
+    if sharding is None:
+        return jnp.asarray(read(whole))
+    slices = {}
+
+    def read_shard(index):
+        index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+        bounds = tuple((s.start, s.stop) for s in index)
+        if bounds not in slices:
+            slices[bounds] = read(index)
+        return slices[bounds]
+
+    return jax.make_array_from_callback(shape, sharding, read_shard)
+
+
+def load_decoder(
+    path: str | os.PathLike,
+    dtype="float32",
+    *,
+    remat: str = "none",
+    strict: bool = True,
+    mesh=None,
+    rules=DEFAULT_RULES,
+) -> Decoder:
+    """Read a local transformers directory (config.json + safetensors) into a Decoder.
+
+    `dtype` is a DTypePolicy spec ('float32', 'bfloat16', 'p=bfloat16,c=float32').
+    Without a `mesh`, each parameter is read whole onto the default device. With one, each is
+    laid out by `rules` and every device's shard is read from the files by itself, so a base
+    too large for one device (or for host memory) never exists whole anywhere.
+    """
+    path = str(path)
+    cfg = DecoderConfig.from_hf_dir(path)
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))
+    sources = _plan_sources(path, cfg, model, strict)
+    variables = dict(nnx.to_flat_state(nnx.state(model)))
+    shardings = {} if mesh is None else dict(nnx.to_flat_state(state_shardings(model, mesh, rules)))
+
+    def sharding_of(where: tuple):
+        return shardings[where].get_value() if shardings else None
+
+    for where, source in sources.items():
+        var = variables[where]
+        var.set_value(_place(var.shape, _reader(source, model.policy.param), sharding_of(where)))
+    rows = model.embed_rows
+    rows.set_value(jnp.zeros(rows.shape, rows.dtype, device=sharding_of(("embed_rows",))))
     return model
 
 

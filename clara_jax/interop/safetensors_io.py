@@ -7,7 +7,8 @@ a large index shard be read one tensor (or one row) at a time. Because that read
 it checks what the library would: the header size is capped and fits the file, every tensor's
 offsets satisfy 0 <= begin <= end <= data size, and its byte count equals prod(shape) x itemsize,
 so a hostile header gets a ValueError naming the file and tensor, never a MemoryError or a view
-of the header bytes.
+of the header bytes. Loading onto a mesh reads each device's slice of a tensor alone; there the
+library's copy is the point (`read_slice`), once our reader has vetted the file's header.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from clara_jax.safe_paths import plain_file_name
 
@@ -109,17 +111,23 @@ class SafetensorsFile:
     def keys(self):
         return self.entries.keys()
 
-    def get(self, key: str) -> np.ndarray:
+    def readable_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of a tensor `get` can read, from the header alone (ValueError for other dtypes)."""
         if key not in self.entries:
             raise KeyError(f"{self.path}: no tensor {key!r}")
         entry = self.entries[key]
         if entry["dtype"] not in _DTYPES:
             raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+        return tuple(entry["shape"])
+
+    def get(self, key: str) -> np.ndarray:
+        shape = self.readable_shape(key)
+        entry = self.entries[key]
         begin, end = entry["data_offsets"]
         if begin == end:  # empty tensor: nothing to map (and the file may hold no data at all)
-            return np.zeros(entry["shape"], _DTYPES[entry["dtype"]])
+            return np.zeros(shape, _DTYPES[entry["dtype"]])
         raw = self._map[self._offset + begin : self._offset + end]
-        return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return raw.view(_DTYPES[entry["dtype"]]).reshape(shape)
 
     def header_bytes(self) -> bytes:
         """The raw JSON header as stored (for fingerprints)."""
@@ -165,6 +173,16 @@ def open_checkpoint(directory: str | os.PathLike) -> dict[str, SafetensorsFile]:
     paths = checkpoint_files(directory)
     files = {path: SafetensorsFile(path) for path in sorted(set(paths.values()))}
     return {key: files[path] for key, path in paths.items()}
+
+
+def read_slice(path: str, key: str, index: tuple[slice, ...]) -> np.ndarray:
+    """The `index` part of one tensor, copied out of the file; nothing else of it is read.
+
+    The file is mapped for this one read only, so the pages it touched do not stay resident in
+    this process while the rest of a large base is loaded.
+    """
+    with safe_open(path, framework="numpy") as f:
+        return f.get_slice(key)[index]
 
 
 def iter_tensors(tensors: dict[str, SafetensorsFile]) -> Iterator[tuple[str, np.ndarray]]:

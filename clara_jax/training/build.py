@@ -27,6 +27,8 @@ from clara_jax.model.decoder import Decoder
 from clara_jax.model.lora import LoRAConfig
 from clara_jax.model.presets import preset
 from clara_jax.model.vocab import extend_vocabulary
+from clara_jax.parallel.rules import parse_rules
+from clara_jax.parallel.sharded_init import change_sharded, create_sharded
 from clara_jax.training.checkpoint import Checkpointer, abstract_like
 from clara_jax.training.optimizer import OptimizerConfig, make_optimizer
 from clara_jax.training.stages import stage_spec
@@ -82,26 +84,41 @@ def tokenizer_dir(config) -> str:
     )
 
 
-def build_model(config: ml_collections.ConfigDict) -> BuiltModel:
-    """Base decoder + CLaRa vocabulary + the three adapters (fresh), per the config."""
+# The Variables build_model adds or rewrites on top of the base: CLaRa's vocabulary rows and adapters.
+CLARA_ADDITIONS = nnx.Any(
+    *(nnx.PathContains(name) for name in ("embed", "lm_head", "embed_rows", "adapters"))
+)
+
+
+def build_model(config: ml_collections.ConfigDict, mesh=None) -> BuiltModel:
+    """Base decoder + CLaRa vocabulary + the three adapters (fresh), per the config.
+
+    With a `mesh`, every parameter is read or initialised straight into the shards
+    `config.sharding_rules` give it, so a base too large for one device never exists whole on
+    one device (or in host memory).
+    """
     n_mem = config.clara.doc_max_length // config.clara.compression_rate
     tok = load_tokenizer(tokenizer_dir(config), n_mem=n_mem)
+    rules = parse_rules(config.sharding_rules)
     if config.model.path:
         model = load_decoder(
-            resolve_model_path(config.model.path), dtype=config.model.dtype, remat=config.model.remat
+            resolve_model_path(config.model.path),
+            dtype=config.model.dtype,
+            remat=config.model.remat,
+            mesh=mesh,
+            rules=rules,
         )
     else:
         arch = preset(config.model.preset).replace(
             vocab_size=tok.base_vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id
         )
-        model = Decoder(arch, rngs=nnx.Rngs(config.seed), dtype=config.model.dtype, remat=config.model.remat)
-    extend_vocabulary(
-        model,
-        tok.vocab_size,
-        key=jax.random.key(config.seed),
-        trainable_token_ids=tok.mem_token_ids,
-        first_new=tok.base_vocab_size,
-    )
+        model = create_sharded(
+            lambda: Decoder(
+                arch, rngs=nnx.Rngs(config.seed), dtype=config.model.dtype, remat=config.model.remat
+            ),
+            mesh,
+            rules,
+        )
     targets = config.lora.target_modules
     lora = LoRAConfig(
         rank=config.lora.rank,
@@ -109,8 +126,19 @@ def build_model(config: ml_collections.ConfigDict) -> BuiltModel:
         dropout=config.lora.dropout,
         target_modules=targets if isinstance(targets, str) else tuple(targets),
     )
-    for i, role in enumerate(ROLES):
-        model.add_adapter(role, lora, rngs=nnx.Rngs(config.seed + 1 + i))
+
+    def add_clara_parts(model: Decoder) -> None:
+        extend_vocabulary(
+            model,
+            tok.vocab_size,
+            key=jax.random.key(config.seed),
+            trainable_token_ids=tok.mem_token_ids,
+            first_new=tok.base_vocab_size,
+        )
+        for i, role in enumerate(ROLES):
+            model.add_adapter(role, lora, rngs=nnx.Rngs(config.seed + 1 + i))
+
+    model = change_sharded(model, add_clara_parts, CLARA_ADDITIONS, mesh, rules)
     return BuiltModel(tok, model, clara_config(config, tok))
 
 

@@ -201,7 +201,7 @@ def run_training(
         jax.process_count(),
     )
 
-    built = build_model(config)
+    built = build_model(config, mesh=mesh)
     init_info = init_from_previous_stage(built, config, config.init_from) if config.init_from else None
 
     def make_batches(num_epochs: int) -> BatchIterator:
