@@ -42,8 +42,10 @@ def main(argv=None) -> dict:
     print(
         f"\n{'step':>6} {'straight-through':>17} {'control':>9}   dev Recall@1, chance {result['chance_recall@1']:.2f}"
     )
-    for st, ctl in zip(result["curves"]["straight_through"], result["curves"]["control"]):
-        print(f"{st['step']:>6} {st['dev/recall@1']:>17.3f} {ctl['dev/recall@1']:>9.3f}")
+    control = {row["step"]: row["dev/recall@1"] for row in result["curves"]["control"]}
+    for st in result["curves"]["straight_through"]:  # the control may be shorter (--control-steps)
+        ctl = f"{control[st['step']]:>9.3f}" if st["step"] in control else f"{'':>9}"
+        print(f"{st['step']:>6} {st['dev/recall@1']:>17.3f} {ctl}")
     print(f"reader: {result['reader']}")
     print(f"wall time {result['seconds'] / 60:.1f} min; plot {plot}; numbers {args.out}/result.json")
     return result

@@ -205,7 +205,8 @@ def train_reader(cfg: ControlledConfig, episodes: Episodes, mesh, log=print):
 
     per = {"enc_ids": cfg.top_k, "enc_mask": cfg.top_k}
     optim = OptimizerConfig(learning_rate=cfg.reader_lr, total_steps=cfg.reader_steps, warmup_ratio=0.05)
-    spec = StageSpec("stage2", (GENERATOR,), train_mem_rows=False, docs_per_example=cfg.top_k)  # compressor = the base
+    # the compressor is the base itself: only the generator (the reader) trains
+    spec = StageSpec("stage2", (GENERATOR,), train_mem_rows=False, docs_per_example=cfg.top_k)
     trainer = build_stage_trainer(built.model, spec, built.clara, optim, mesh, batch(), seed=cfg.seed)
     state = trainer.state
     for step in range(1, cfg.reader_steps + 1):
