@@ -17,7 +17,7 @@ def _demo(args: argparse.Namespace) -> int:
     from clara_jax.demo import run_demo
 
     _configure_logging(logging)
-    run_demo(args.workdir, scale=args.scale, n_eval=args.eval_questions)
+    run_demo(args.workdir, scale=args.scale, n_eval=args.eval_questions, seed=args.seed)
     return 0
 
 
@@ -92,9 +92,9 @@ def _eval(args: argparse.Namespace) -> int:
     import os
 
     from clara_jax.data.records import DataError
+    from clara_jax.inference.clara_model import load_inference
     from clara_jax.inference.evaluate import evaluate_records, read_eval_file
     from clara_jax.inference.metrics import format_table
-    from clara_jax.inference.model_dir import load_inference
 
     _configure_logging(logging)
     try:  # every file is read and checked before the model is loaded: bad data fails in seconds
@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--eval-questions", type=int, default=100, help="held-out questions to score (default 100)"
+    )
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the base pretraining and every stage; the corpus stays the same (default 0)",
     )
     demo.set_defaults(func=_demo)
 

@@ -26,6 +26,7 @@ WHOLE_PROGRAM_MODULES = {
 LONGEST_FIRST = [
     "test_multiprocess",
     "test_training_faults",
+    "test_stage3_learns",
     "test_demo",
     "test_train_step_sharding",
     "test_clara_core",

@@ -11,7 +11,7 @@ def test_demo_runs_all_stages_and_reports(tmp_path):
     lines = []
     result = run_demo(str(tmp_path), scale=0.02, n_eval=8, log=lines.append)
     for stage in ("stage1", "stage2", "stage3"):
-        rows = [json.loads(x) for x in open(tmp_path / stage / "metrics.jsonl")]
+        rows = [r for r in map(json.loads, open(tmp_path / stage / "metrics.jsonl")) if "train/loss" in r]
         assert rows and all(np.isfinite(r["train/loss"]) for r in rows)
         assert (tmp_path / stage / "loss.png").exists()
     assert (tmp_path / "base" / "model.safetensors").exists()
@@ -22,6 +22,9 @@ def test_demo_runs_all_stages_and_reports(tmp_path):
     assert saved["chance"]["recall@5"] == 5 / 20 and set(saved["after_stage2"]) == set(saved["after"])
     table = format_results(result)
     assert "Recall@1" in table and "answer EM" in table and "chance" in table
+    # stage 3 is scored on the dev people (never the eval ones) as it trains, from its first step
+    dev = [r for r in map(json.loads, open(tmp_path / "stage3" / "metrics.jsonl")) if "dev/recall@1" in r]
+    assert [r["step"] for r in dev] == [0, 1, 2] and all(0 <= r["dev/recall@1"] <= 1 for r in dev)
     # stage 3 started from stage 2, which started from stage 1
     meta3 = json.load(open(tmp_path / "stage3" / "config.json"))
     assert meta3["init_from"].endswith("stage2")

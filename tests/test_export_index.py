@@ -393,11 +393,12 @@ def test_search_questions_and_cli(setup, capsys):
 @pytest.mark.slow
 def test_generate_from_index_answers_from_stored_vectors(setup):
     """Stage-3 inference over an index: search, fetch the stored vectors, answer from them."""
-    from clara_jax.inference.model_dir import load_inference
+    from clara_jax.inference.clara_model import load_inference
+    from clara_jax.inference.index import generate_from_index
 
     inference = load_inference(setup["model"], batch_size=4)
     index = EmbeddingIndex.open(setup["ref"])
-    answers, ids, scores = inference.generate_from_index(["Where?", "Who?"], index, k=2, max_new_tokens=4)
+    answers, ids, scores = generate_from_index(inference, ["Where?", "Who?"], index, k=2, max_new_tokens=4)
     assert len(answers) == 2 and all(len(r) == 2 for r in ids) and scores.shape == (2, 2)
     stored = index.embeddings(ids)
     texts = dict(zip([r["id"] for r in _corpus_records()], _texts(_corpus_records()), strict=True))

@@ -23,7 +23,7 @@ from clara_jax.data.synthetic import (
 CFG = SyntheticCorpusConfig()
 N, K = CFG.n_candidates, CFG.docs_per_example
 TRAIN_FILES = ("stage1_train", "stage2_train", "stage3_train")
-EVAL_FILES = ("stage1_eval", "stage2_eval", "eval_with_pos", "eval_no_pos")
+EVAL_FILES = ("stage1_eval", "stage2_eval", "eval_with_pos", "eval_no_pos", "dev_with_pos")
 MENTOR_RE = re.compile(r"^(\w+)'s mentor is (\w+)\.$")
 
 
@@ -82,7 +82,7 @@ def check_record(kind: str, r: dict) -> None:
         assert isinstance(r["question"], str) and isinstance(r["answer"], str) and r["answer"]
         assert _is_str_list(r["docs"], N)
         _check_pos(r["pos_index"], N, allow_empty=False)
-    elif kind in ("eval_with_pos", "eval_no_pos"):
+    elif kind in ("eval_with_pos", "eval_no_pos", "dev_with_pos"):
         assert set(r) == {"question", "docs", "golden_answers", "pos_index"}
         assert isinstance(r["question"], str) and _is_str_list(r["golden_answers"], 1)
         assert _is_str_list(r["docs"], N)
@@ -140,7 +140,7 @@ def test_every_record_has_the_official_shape(written):
 
 def test_every_answer_is_recoverable_from_its_gold(written):
     _, files = written
-    for key in ("stage3_train", "eval_with_pos", "stage2_eval", "eval_no_pos"):
+    for key in ("stage3_train", "eval_with_pos", "stage2_eval", "eval_no_pos", "dev_with_pos"):
         for r in files[key]:
             check_recoverable(r)
     for key in ("stage1_train", "stage1_eval"):
@@ -180,6 +180,20 @@ def test_no_eval_question_or_held_out_passage_in_training(written, corpus):
     # Eval pools mix unseen and seen passages, so unfamiliarity does not point at the gold.
     eval_docs = {d for r in files["eval_with_pos"] for d in r["docs"]}
     assert eval_docs & train_docs and eval_docs & held
+
+
+def test_dev_split_is_its_own_people(corpus):
+    """Settings are chosen on dev: no dev question is an eval question, and no eval question has a
+    dev person's passage as its gold (dev people's passages may be eval negatives, as any passage)."""
+    files = corpus.files
+    dev_q = {r["question"] for r in files["dev_with_pos"]}
+    assert len(dev_q) >= 100 and not dev_q & {r["question"] for r in files["eval_with_pos"]}
+    dev_passages = {p for p, e in zip(corpus.passages, corpus.entities) if e.dev}
+    assert dev_passages and all(e.held_out for e in corpus.entities if e.dev)
+    for r in files["eval_with_pos"]:
+        assert not {r["docs"][i] for i in r["pos_index"]} & dev_passages
+    for r in files["dev_with_pos"]:
+        assert {r["docs"][i] for i in r["pos_index"]} & dev_passages
 
 
 def test_stage1_can_see_eval_passages_without_their_questions():

@@ -112,7 +112,7 @@ def qwen_ranks_file() -> Path:
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    from clara_jax.interop.gguf import cache_root
+    from clara_jax.cache_dir import cache_root
 
     return Path(cache_dir) if cache_dir is not None else cache_root() / "tokenizers"
 

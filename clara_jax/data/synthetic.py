@@ -20,6 +20,8 @@ Split (why: eval numbers must measure generalisation, not recall of training str
   never appear in any training file (unless `stage1_sees_eval_passages`, which adds them to stage 1
   as paraphrase-only records, like SCP over the whole corpus), and every question about them is
   eval-only.
+- `dev_entity_fraction` more people are held out the same way for the dev split: their questions
+  (and two-hop questions through them) are only in `dev_with_pos.jsonl`, where settings are chosen.
 - Of the remaining two-hop questions, `eval_twohop_fraction` are held out too: seen passages, an
   unseen composition.
 - Training negatives come only from training passages; eval candidate pools mix seen and unseen
@@ -32,6 +34,7 @@ Files written by `write_corpus` (record shapes follow the official loaders):
   (= gold: there is no teacher model to distil from).
 - `stage3_train.jsonl`: `question`, `answer`, `N` candidate docs, `pos_index`.
 - `eval_with_pos.jsonl`: end-to-end eval, `question`, `N` docs, `golden_answers`, `pos_index`.
+- `dev_with_pos.jsonl`: the same shape for the dev people (choose settings here, never on eval).
 - `eval_no_pos.jsonl`: same questions, but each gold is kept only with probability
   `no_pos_gold_rate` (`pos_index` lists the golds still present, possibly none: the official
   stage-2 loader reads `pos_index` in both flavours).
@@ -124,6 +127,7 @@ FILE_NAMES = {
     "stage2_eval": "stage2_eval.jsonl",
     "eval_with_pos": "eval_with_pos.jsonl",
     "eval_no_pos": "eval_no_pos.jsonl",
+    "dev_with_pos": "dev_with_pos.jsonl",
     "corpus": "corpus.jsonl",
 }
 MANIFEST_NAME = "manifest.json"
@@ -147,6 +151,10 @@ class SyntheticCorpusConfig:
     n_hard_negatives: int = 6  # stage-3/eval negatives that share facts with a gold passage
     docs_per_example: int = 5  # k, stage-2 docs per question
     eval_entity_fraction: float = 0.15
+    # people held out like the eval ones, whose questions form dev_with_pos.jsonl: settings are
+    # chosen on them, never on the eval questions
+    dev_entity_fraction: float = 0.1
+    n_dev: int | None = 200  # cap on dev questions
     eval_twohop_fraction: float = 0.2
     n_stage2_train: int = 1600
     n_stage3_train: int = 1600
@@ -178,6 +186,8 @@ class SyntheticCorpusConfig:
                 raise ValueError(f"{f} must be in [0, 1]")
         if not 0.0 < self.eval_entity_fraction < 1.0:
             raise ValueError("eval_entity_fraction must be in (0, 1)")
+        if not 0.0 <= self.dev_entity_fraction < 1.0 - self.eval_entity_fraction:
+            raise ValueError("dev_entity_fraction must be in [0, 1 - eval_entity_fraction)")
         if not 2 <= self.docs_per_example <= self.n_candidates:
             raise ValueError(
                 "need 2 <= docs_per_example (k) <= n_candidates (N); two-hop questions have 2 golds"
@@ -202,8 +212,9 @@ class Entity:
     name: str
     facts: tuple[tuple[str, str], ...]  # (kind, value), in attribute_kinds order
     mentor: str | None
-    held_out: bool  # its passage and every question about it are eval-only
+    held_out: bool  # its passage and every question about it are eval-only (or dev-only)
     distractor: bool  # near-duplicate, never asked about
+    dev: bool = False  # held out for the dev split (choosing settings), not for the final eval
 
 
 @dataclass(frozen=True)
@@ -214,6 +225,7 @@ class Question:
     answer: str
     gold: tuple[int, ...]  # passage indices in hop order
     held_out: bool
+    dev: bool = False  # about a dev person: in dev_with_pos, never in eval_with_pos
 
     @property
     def hops(self) -> int:
@@ -306,8 +318,11 @@ def make_entities(cfg: SyntheticCorpusConfig) -> list[Entity]:
     for i in range(cfg.n_entities):
         j = rng.randrange(cfg.n_entities - 1) if i in linked else None
         mentors.append(None if j is None else names[j + (j >= i)])
-    held = set(rng.sample(range(cfg.n_entities), max(1, round(cfg.eval_entity_fraction * cfg.n_entities))))
-    ents = [Entity(names[i], facts[i], mentors[i], i in held, False) for i in range(cfg.n_entities)]
+    n_eval = max(1, round(cfg.eval_entity_fraction * cfg.n_entities))
+    n_dev = round(cfg.dev_entity_fraction * cfg.n_entities)
+    held_order = rng.sample(range(cfg.n_entities), n_eval + n_dev)
+    held, dev = set(held_order), set(held_order[n_eval:])
+    ents = [Entity(names[i], facts[i], mentors[i], i in held, False, i in dev) for i in range(cfg.n_entities)]
     for d in range(cfg.n_distractors):
         src = ents[rng.randrange(cfg.n_entities)]
         f = list(src.facts)
@@ -318,7 +333,7 @@ def make_entities(cfg: SyntheticCorpusConfig) -> list[Entity]:
             rng.choice([v for v in _KINDS[kind]["values"][: cfg.values_per_attribute] if v != old]),
         )
         # A near-duplicate of a held-out person is held out too, so eval hard negatives are unseen as well.
-        ents.append(Entity(names[cfg.n_entities + d], tuple(f), src.mentor, src.held_out, True))
+        ents.append(Entity(names[cfg.n_entities + d], tuple(f), src.mentor, src.held_out, True, src.dev))
     return ents
 
 
@@ -328,14 +343,15 @@ def make_questions(cfg: SyntheticCorpusConfig, ents: Sequence[Entity]) -> list[Q
     out = []
     for i, e in enumerate(ents[: cfg.n_entities]):
         for q, a in zip(*passage_qa(e)):
-            out.append(Question(q, a, (i,), e.held_out))
+            out.append(Question(q, a, (i,), e.held_out, e.dev))
         if e.mentor is None:
             continue
         j = index[e.mentor]
         subject = _TWO_HOP_SUBJECT.format(n=e.name)
         for kind, value in ents[j].facts:
             held = e.held_out or ents[j].held_out or rng.random() < cfg.eval_twohop_fraction
-            out.append(Question(_KINDS[kind]["question"].format(s=subject), value, (i, j), held))
+            dev = e.dev or ents[j].dev  # a dev person's passage is gold: dev-only
+            out.append(Question(_KINDS[kind]["question"].format(s=subject), value, (i, j), held, dev))
     return out
 
 
@@ -407,19 +423,21 @@ def _stage1_records(
     return recs
 
 
-def _eval_subset(cfg: SyntheticCorpusConfig, held: Sequence[Question]) -> list[Question]:
-    """Cap at `n_eval` with single- and two-hop balanced, then shuffle so any prefix is representative.
+def _eval_subset(
+    cfg: SyntheticCorpusConfig, held: Sequence[Question], cap: int | None, name: str
+) -> list[Question]:
+    """Cap at `cap` with single- and two-hop balanced, then shuffle so any prefix is representative.
 
     Balanced because two-hop questions outnumber single-hop ones among the held-out questions, yet
     single-hop ones are the clearest signal of learning (Recall@1 of a two-hop question is at most 1/2).
     """
-    rng = _rng(cfg, "eval-subset")
+    rng = _rng(cfg, name)
     single = [q for q in held if q.hops == 1]
     double = [q for q in held if q.hops == 2]
-    if cfg.n_eval is not None and len(held) > cfg.n_eval:
-        n_single = min(len(single), max(cfg.n_eval - len(double), cfg.n_eval // 2))
+    if cap is not None and len(held) > cap:
+        n_single = min(len(single), max(cap - len(double), cap // 2))
         single = rng.sample(single, n_single)
-        double = rng.sample(double, cfg.n_eval - n_single)
+        double = rng.sample(double, cap - n_single)
     out = single + double
     rng.shuffle(out)
     return out
@@ -438,7 +456,8 @@ def build_corpus(cfg: SyntheticCorpusConfig | None = None) -> SyntheticCorpus:
     if len(train_pool) < cfg.n_candidates + 2:
         raise ValueError(f"only {len(train_pool)} training passages for n_candidates={cfg.n_candidates}")
     train_qs = [q for q in questions if not q.held_out]
-    eval_qs = _eval_subset(cfg, [q for q in questions if q.held_out])
+    eval_qs = _eval_subset(cfg, [q for q in questions if q.held_out and not q.dev], cfg.n_eval, "eval-subset")
+    dev_qs = _eval_subset(cfg, [q for q in questions if q.dev], cfg.n_dev, "dev-subset")
     k, n = cfg.docs_per_example, cfg.n_candidates
 
     files: dict[str, list[dict]] = {}
@@ -515,6 +534,18 @@ def build_corpus(cfg: SyntheticCorpusConfig | None = None) -> SyntheticCorpus:
             }
         )
     files["stage2_eval"] = s2_eval
+    rng = _rng(cfg, "dev")
+    files["dev_with_pos"] = []
+    for q in dev_qs:
+        docs, pos = _candidates(rng, q.gold, n, cfg.n_hard_negatives, all_pool, facts, unseen_pool)
+        files["dev_with_pos"].append(
+            {
+                "question": q.text,
+                "docs": [passages[d] for d in docs],
+                "golden_answers": [q.answer],
+                "pos_index": pos,
+            }
+        )
     files["eval_with_pos"] = with_pos
     files["eval_no_pos"] = no_pos
     files["corpus"] = [{"id": _passage_id(i, e), "text": passages[i]} for i, e in enumerate(ents)]
@@ -575,7 +606,7 @@ def write_corpus(out_dir: str | os.PathLike, cfg: SyntheticCorpusConfig | None =
         _dump_jsonl(paths[key], corpus.files[key])
 
     chance = {}
-    for key in ("eval_with_pos", "eval_no_pos", "stage3_train"):
+    for key in ("eval_with_pos", "eval_no_pos", "dev_with_pos", "stage3_train"):
         recs = corpus.files[key]
         chance[key] = {
             f"{m}@{k}": round(fn(recs, k), 6)

@@ -193,7 +193,8 @@ class ChatModel:
 
 def _gguf_dir(gguf_path: Path) -> str:
     """A .gguf converted once into the clara_jax cache (keyed by its sha256, built atomically)."""
-    from clara_jax.interop.gguf import cache_root, convert_gguf
+    from clara_jax.cache_dir import cache_root
+    from clara_jax.interop.gguf import convert_gguf
 
     digest = hashlib.sha256()
     with open(gguf_path, "rb") as f:

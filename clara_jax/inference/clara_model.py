@@ -23,6 +23,7 @@ from clara_jax.data.prompts import paraphrase_prompt, standard_prompt
 from clara_jax.data.tokenizer import ClaraTokenizer
 from clara_jax.inference.data_parallel import replicate_over_local_devices
 from clara_jax.inference.generation import SamplingConfig, generate
+from clara_jax.inference.model_dir import load_clara_model, model_dir_path, read_model_meta
 from clara_jax.model.clara import ClaraConfig, compress, encode_query, splice
 from clara_jax.model.decoder import Decoder
 from clara_jax.model.topk import cosine_scores
@@ -197,27 +198,13 @@ class ClaraInference:
         prompts = [standard_prompt(self.tok, q, topk.shape[1]) for q in questions]
         return self._generate(prompts, selected, max_new_tokens, sampling), topk
 
-    def generate_from_index(
-        self,
-        questions: Sequence[str],
-        index,
-        *,
-        k: int | None = None,
-        max_new_tokens: int = 64,
-        backend: str = "jax",
-        sampling=None,
-    ):
-        """Stage-3 inference over an exported corpus: the query reasoner searches the index (an
-        `EmbeddingIndex` or its directory) and the generator answers from the top-k stored vectors.
-        Returns (answers, ids [B][k], scores [B, k])."""
-        from clara_jax.inference.index import search_questions
 
-        k = k or self.clara.top_k
-        ids, scores = search_questions(self, questions, k, index=index, backend=backend)
-        if isinstance(index, str):
-            from clara_jax.inference.index import EmbeddingIndex
-
-            index = EmbeddingIndex.open(index)
-        memory = index.embeddings(ids)
-        prompts = [standard_prompt(self.tok, q, k) for q in questions]
-        return self._generate(prompts, memory, max_new_tokens, sampling), ids, scores
+def load_inference(model_dir: str, **kw) -> ClaraInference:
+    """A ready `ClaraInference` (the official-style API) from a saved model directory, with the
+    query length and padding bucket the model was trained with (unless overridden in `kw`)."""
+    tok, model, clara = load_clara_model(model_dir)
+    run = read_model_meta(model_dir_path(model_dir)).get("run_config") or {}
+    if run:
+        kw.setdefault("query_max_length", run["clara"]["query_max_length"])
+        kw.setdefault("bucket", run["data"]["bucket"])
+    return ClaraInference(tok, model, clara, **kw)

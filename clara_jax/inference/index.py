@@ -307,6 +307,30 @@ def search_questions(
     return index.search(inference.encode_queries(list(questions)), k, backend=backend)
 
 
+def generate_from_index(
+    inference,
+    questions,
+    index: EmbeddingIndex | str,
+    *,
+    k: int | None = None,
+    max_new_tokens: int = 64,
+    backend: str = "jax",
+    sampling=None,
+) -> tuple[list[str], list[list[str]], np.ndarray]:
+    """Stage-3 inference over an exported corpus: the query reasoner of `inference` (a
+    ClaraInference) searches the index, and the generator answers from the top-k stored vectors,
+    in score order. Returns (answers, ids [B][k], scores [B, k])."""
+    if not isinstance(index, EmbeddingIndex):
+        index = EmbeddingIndex.open(index)
+    k = k or inference.clara.top_k
+    ids, scores = search_questions(inference, questions, k, index=index, backend=backend)
+    memory = index.embeddings(ids)  # [B, k, n_mem, D]
+    answers = inference.generate_from_compressed_documents_and_questions(
+        list(questions), memory.reshape(-1, *memory.shape[2:]), max_new_tokens, sampling
+    )
+    return answers, ids, scores
+
+
 # --- CLI -------------------------------------------------------------------------------------------
 
 

@@ -34,7 +34,6 @@ from flax import nnx
 
 from clara_jax.atomic_files import live_dir, replace_dir, staging_dir, write_json_atomic
 from clara_jax.data.tokenizer import load_tokenizer
-from clara_jax.inference.clara_model import ClaraInference
 from clara_jax.interop.hf import load_decoder, save_decoder
 from clara_jax.interop.safetensors_io import SafetensorsFile, weights_digest
 from clara_jax.model.clara import ClaraConfig
@@ -261,14 +260,3 @@ def load_clara_model(model_dir: str, *, dtype: str | None = None):
         topk_mask_mode=c["topk_mask_mode"],
     )
     return tok, model, clara
-
-
-def load_inference(model_dir: str, **kw) -> ClaraInference:
-    """A ready `ClaraInference` (the official-style API) from a saved model directory, with the
-    query length and padding bucket the model was trained with (unless overridden in `kw`)."""
-    tok, model, clara = load_clara_model(model_dir)
-    run = read_model_meta(model_dir_path(model_dir)).get("run_config") or {}
-    if run:
-        kw.setdefault("query_max_length", run["clara"]["query_max_length"])
-        kw.setdefault("bucket", run["data"]["bucket"])
-    return ClaraInference(tok, model, clara, **kw)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clara_jax.cache_dir import cache_root
 from clara_jax.interop.hf import hf_config_dict
 from clara_jax.model.config import DecoderConfig
 
@@ -173,14 +174,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def cache_root(cache_dir=None) -> Path:
-    """Where converted models and tokenizers are cached: `cache_dir`, $CLARA_JAX_CACHE or ~/.cache/clara_jax."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("CLARA_JAX_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "clara_jax"
 
 
 def _stamp(directory: Path) -> str | None:

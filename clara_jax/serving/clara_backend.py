@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from clara_jax.inference.clara_model import ClaraInference
-from clara_jax.inference.index import EmbeddingIndex
+from clara_jax.inference.index import EmbeddingIndex, generate_from_index
 
 
 @dataclass
@@ -23,7 +23,7 @@ class ClaraAnswer:
 
 class ClaraBackend:
     """`answer(questions, k, max_new_tokens)`: query-reasoner search, then the generator reads the
-    top-k stored memory vectors (ClaraInference.generate_from_index)."""
+    top-k stored memory vectors (clara_jax.inference.index.generate_from_index)."""
 
     def __init__(self, name: str, inference: ClaraInference, index: EmbeddingIndex, index_dir: str):
         self.name, self.inference, self.index, self.index_dir = name, inference, index, index_dir
@@ -48,8 +48,8 @@ class ClaraBackend:
 
     @classmethod
     def load(cls, model_dir: str, index_dir: str, *, batch_size: int = 8) -> ClaraBackend:
+        from clara_jax.inference.clara_model import load_inference
         from clara_jax.inference.export import model_fingerprint
-        from clara_jax.inference.model_dir import load_inference
 
         index = EmbeddingIndex.open(index_dir)
         inference = load_inference(model_dir, batch_size=batch_size)
@@ -57,8 +57,8 @@ class ClaraBackend:
         return cls(os.path.basename(os.path.normpath(model_dir)), inference, index, index_dir)
 
     def answer(self, questions: list[str], k: int, max_new_tokens: int) -> list[ClaraAnswer]:
-        answers, ids, scores = self.inference.generate_from_index(
-            questions, self.index, k=k, max_new_tokens=max_new_tokens
+        answers, ids, scores = generate_from_index(
+            self.inference, questions, self.index, k=k, max_new_tokens=max_new_tokens
         )
         return [
             ClaraAnswer(answer=a, ids=list(row_ids), scores=[float(s) for s in row_scores])

@@ -34,12 +34,11 @@ from clara_jax.synthesis.parsing import (
     parse_questions,
     parse_verdict,
 )
-from clara_jax.synthesis.report import build_report
+from clara_jax.synthesis.report import TRACKS, build_report, document_reason
 from clara_jax.synthesis.store import ShardStore, StoreError, check_manifest, shard_of
 
 log = logging.getLogger(__name__)
 
-TRACKS = ("simple_qa", "multihop_qa", "paraphrase")
 # data_type of each track's record; every value but "paraphrase" takes stage 1's QA path.
 DATA_TYPES = {"simple_qa": "qa", "multihop_qa": "multihop_qa", "paraphrase": "paraphrase"}
 INTERNAL_ERROR = "internal_error"
@@ -534,14 +533,3 @@ def _write_trace(path: str, order, replies: Replies) -> None:
             lines.append(json.dumps(item, ensure_ascii=False) + "\n")
     with open(path, "a") as f:
         f.writelines(lines)
-
-
-def document_reason(entry: dict) -> str:
-    """Why a document produced no record: its error, else the first enabled track's drop reason."""
-    if entry.get("status") == "error":
-        return entry.get("error", BACKEND_ERROR)
-    for track in TRACKS:
-        summary = entry.get("tracks", {}).get(track)
-        if summary and summary.get("dropped"):
-            return summary["dropped"]
-    return "no_records"

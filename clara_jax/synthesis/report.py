@@ -11,9 +11,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from clara_jax.synthesis.backends import BACKEND_ERROR
 from clara_jax.synthesis.store import read_ledger, write_json_atomic
 
-TRACK_NAMES = ("simple_qa", "multihop_qa", "paraphrase")
+TRACKS = ("simple_qa", "multihop_qa", "paraphrase")
 
 
 def _histogram(values: list[int]) -> dict[str, int]:
@@ -29,12 +30,21 @@ def latest_entries(out_dir: str | Path) -> dict[int, dict]:
     return entries
 
 
+def document_reason(entry: dict) -> str:
+    """Why a document produced no record: its error, else the first enabled track's drop reason."""
+    if entry.get("status") == "error":
+        return entry.get("error", BACKEND_ERROR)
+    for track in TRACKS:
+        summary = entry.get("tracks", {}).get(track)
+        if summary and summary.get("dropped"):
+            return summary["dropped"]
+    return "no_records"
+
+
 def build_report(
     out_dir: str | Path, *, n_read: int, corpus: str, backend: str, config: dict, this_run: dict
 ) -> dict:
     """Aggregate the ledgers into OUT/report.json (written atomically) and return it."""
-    from clara_jax.synthesis.pipeline import document_reason
-
     entries = {i: e for i, e in latest_entries(out_dir).items() if i < n_read}
     kept, dropped = 0, Counter()
     tracks: dict[str, dict] = {}
@@ -66,7 +76,7 @@ def build_report(
             if "rounds" in summary:
                 t["rounds"].append(summary["rounds"])
     track_report = {}
-    for name in TRACK_NAMES:
+    for name in TRACKS:
         if name not in tracks:
             continue
         t = tracks[name]
@@ -95,7 +105,7 @@ def build_report(
             "dropped": dict(dropped.most_common()),
         },
         "tracks": track_report,
-        "records": {k: records[k] for k in TRACK_NAMES if k in records},
+        "records": {k: records[k] for k in TRACKS if k in records},
         "qa_pairs": dict(pairs.most_common()),
         "calls": {
             "total": calls,
