@@ -59,13 +59,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def compile_cache_env(tmp_path_factory):
-    """Environment for subprocesses that compile the same programs again and again (the CLI training
-    runs of the fault tests, the synthesis runs): a JAX persistent compilation cache
-    shared by the subprocesses of this pytest process (one per xdist worker), so a train step
-    compiled by the first run is loaded, not recompiled, by the next. The loaded executable is the
+def _compile_cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_compile_cache"))
+
+
+@pytest.fixture(scope="module")
+def subprocess_compile_cache(_compile_cache_dir):
+    """For modules whose subprocesses compile the same programs again and again (the CLI training
+    runs of the fault tests, the synthesis runs): while the module runs, $JAX_COMPILATION_CACHE_DIR
+    names a JAX persistent compilation cache shared by the subprocesses of this pytest process (one
+    per xdist worker), so a train step compiled by the first run is loaded, not recompiled, by the
+    next. This process's own JAX read its configuration at import and is unaffected. The loaded executable is the
     compiled one: runs stay bit-identical (the tests compare their losses exactly). Only programs that
     took over a second to compile are stored (JAX's default threshold). Not for servers whose tests
     depend on a cold start (tests/test_serve.py), nor for tests/test_multiprocess.py: a two-process
     CPU step program loaded from the cache hangs in its gloo collectives."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_compile_cache"))}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", _compile_cache_dir)
+        yield

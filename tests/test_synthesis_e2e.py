@@ -45,19 +45,13 @@ def corpus(tmp_path_factory) -> str:
     return str(path)
 
 
-COMPILE_CACHE = {}  # JAX_COMPILATION_CACHE_DIR for every process of this module (see _compile_cache)
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _compile_cache(compile_cache_env):
+def _compile_cache(subprocess_compile_cache):
     """The tiny model's generation programs, compiled by one run (or the server), loaded by the next."""
-    COMPILE_CACHE.update(compile_cache_env)
-    yield
-    COMPILE_CACHE.clear()
 
 
 def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **COMPILE_CACHE)
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
 
 
 def _synthesize(corpus: str, out: Path, *backend_args: str) -> dict:

@@ -21,15 +21,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared" / "data" / "clara_pretrain_sample.jsonl"
 STEPS = 10
-COMPILE_CACHE = {}  # JAX_COMPILATION_CACHE_DIR for every run of this module (see _compile_cache)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _compile_cache(compile_cache_env):
+def _compile_cache(subprocess_compile_cache):
     """Every run compiles the same train step: the first one compiles it, the others load it."""
-    COMPILE_CACHE.update(compile_cache_env)
-    yield
-    COMPILE_CACHE.clear()
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +64,6 @@ def _env():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device, like a user's laptop
     env["JAX_PLATFORMS"] = "cpu"
-    env.update(COMPILE_CACHE)
     return env
 
 

@@ -493,14 +493,7 @@ def build_corpus(cfg: SyntheticCorpusConfig | None = None) -> SyntheticCorpus:
     with_pos, no_pos, s2_eval = [], [], []
     for q in eval_qs:
         docs, pos = _candidates(rng, q.gold, n, cfg.n_hard_negatives, all_pool, facts, unseen_pool)
-        with_pos.append(
-            {
-                "question": q.text,
-                "docs": [passages[d] for d in docs],
-                "golden_answers": [q.answer],
-                "pos_index": pos,
-            }
-        )
+        with_pos.append(_retrieval_eval_record(q, [passages[d] for d in docs], pos))
         kept = [g for g in q.gold if rng.random() < cfg.no_pos_gold_rate]
         dropped = set(q.gold) - set(kept)
         # A dropped gold is replaced by one more hard negative, chosen by the full gold's facts.
@@ -514,14 +507,7 @@ def build_corpus(cfg: SyntheticCorpusConfig | None = None) -> SyntheticCorpus:
             [p for p in unseen_pool if p not in dropped],
             like=q.gold,
         )
-        no_pos.append(
-            {
-                "question": q.text,
-                "docs": [passages[d] for d in docs],
-                "golden_answers": [q.answer],
-                "pos_index": [docs.index(g) for g in kept],
-            }
-        )
+        no_pos.append(_retrieval_eval_record(q, [passages[d] for d in docs], [docs.index(g) for g in kept]))
         docs, pos = _candidates(rng, q.gold, k, (k - q.hops) // 2, all_pool, facts, unseen_pool)
         s2_eval.append(
             {
@@ -538,18 +524,16 @@ def build_corpus(cfg: SyntheticCorpusConfig | None = None) -> SyntheticCorpus:
     files["dev_with_pos"] = []
     for q in dev_qs:
         docs, pos = _candidates(rng, q.gold, n, cfg.n_hard_negatives, all_pool, facts, unseen_pool)
-        files["dev_with_pos"].append(
-            {
-                "question": q.text,
-                "docs": [passages[d] for d in docs],
-                "golden_answers": [q.answer],
-                "pos_index": pos,
-            }
-        )
+        files["dev_with_pos"].append(_retrieval_eval_record(q, [passages[d] for d in docs], pos))
     files["eval_with_pos"] = with_pos
     files["eval_no_pos"] = no_pos
     files["corpus"] = [{"id": _passage_id(i, e), "text": passages[i]} for i, e in enumerate(ents)]
     return SyntheticCorpus(cfg, tuple(ents), tuple(passages), tuple(questions), tuple(eval_qs), files)
+
+
+def _retrieval_eval_record(q: Question, docs: list[str], pos_index: list[int]) -> dict:
+    """One line of eval_with_pos / eval_no_pos / dev_with_pos."""
+    return {"question": q.text, "docs": docs, "golden_answers": [q.answer], "pos_index": pos_index}
 
 
 def _passage_id(i: int, e: Entity) -> str:
