@@ -19,7 +19,7 @@ import json
 import os
 import time
 
-from clara_jax.demo import CONFIGS, stage_overrides
+from clara_jax.demo import stage_overrides
 from clara_jax.training.config import load_config
 from clara_jax.training.loop import run_training
 
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     ]
     results = {}
     for name, extra in args.variant:
-        config = load_config(os.path.join(CONFIGS, "stage3_e2e.py") + ":tiny,runlocal", base + extra)
+        config = load_config("stage3_e2e:tiny,runlocal", base + extra)
         config.init_from = stage2
         out = os.path.join(workdir, "dev_tuning", name)
         start = time.perf_counter()

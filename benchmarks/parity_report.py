@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 
-from clara_jax.hf import load_decoder
+from clara_jax.interop.hf import load_decoder
 from clara_jax.interop.peft import load_peft_adapter
 from tests import hf_reference as ref
 

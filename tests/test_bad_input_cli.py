@@ -201,3 +201,52 @@ def test_the_real_entry_point_exits_2_without_a_traceback(tmp_path):
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert f"first skipped: {path}:{line}: expected standard JSON, got JSON nested deeper" in done.stderr
+
+
+# --- every command: bad input exits 2 ----------------------------------------------------------------
+
+
+def test_export_search_and_convert_exit_2_on_bad_input(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "a", "text": "A document."}\n')
+    code, err = run_cli(["export", "--model", missing, "--corpus", str(corpus), "--out", missing], capsys)
+    assert code == 2 and "clara-jax export: error:" in err and "Traceback" not in err, err[-2000:]
+    code, err = run_cli(
+        ["export", "--model", missing, "--corpus", str(corpus), "--out", missing, "--shard-size", "0"], capsys
+    )
+    assert code == 2 and "clara-jax export: error: shard_size and batch_size must be >= 1" in err, err
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"question": "Who?"}\n{"question": 7}\n')
+    code, err = run_cli(
+        ["search", "--model", missing, "--index", missing, "--questions", str(questions)], capsys
+    )
+    assert code == 2 and f"clara-jax search: error: {questions}:2: expected" in err, err
+    code, err = run_cli(["search", "--model", missing, "--index", missing, "--question", "Who?"], capsys)
+    assert code == 2 and "clara-jax search: error:" in err and "Traceback" not in err, err[-2000:]
+    code, err = run_cli(["convert", "--to-peft", missing, "--out", str(tmp_path / "peft")], capsys)
+    assert code == 2 and "clara-jax convert: error:" in err and "Traceback" not in err, err[-2000:]
+    code, err = run_cli(["convert", "--from-official", missing, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "clara-jax convert: error: --from-official needs --base BASE_DIR" in err, err
+
+
+def test_the_parser_documents_the_exit_statuses_and_imports_nothing_heavy():
+    """`clara-jax --help` builds every sub-parser without importing jax or numpy (fast, and `compile`
+    pins the JAX platform before jax starts); the choices it spells out agree with the library's."""
+    code = (
+        "import sys; from clara_jax.cli import build_parser; text = build_parser().format_help(); "
+        "print(sorted(m for m in ('jax', 'numpy', 'flax', 'transformers') if m in sys.modules)); print(text)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    heavy, text = out.split("\n", 1)
+    assert heavy == "[]"
+    assert "exit status:" in text
+    for status in ("0  success", "1  a check that ran and failed", "2  bad input", "3  a run that stopped"):
+        assert status in text, status
+
+    from clara_jax.cli import common, export, search
+    from clara_jax.inference.export import DTYPES
+    from clara_jax.inference.index import BACKENDS
+
+    assert export.DTYPES == DTYPES and search.BACKENDS == BACKENDS
+    assert (common.EXIT_OK, common.EXIT_FAILED, common.EXIT_BAD_INPUT, common.EXIT_DIVERGED) == (0, 1, 2, 3)

@@ -23,8 +23,9 @@ from tests import clara_fixtures as fx
 
 
 def _grads(model, loss, adapters, embed_rows=True):
+    # jitted: one compiled program, not hundreds of op-by-op dispatches (each compiled on first use)
     graphdef, trainable, frozen = split_trainable(model, adapters, embed_rows)
-    return jax.grad(lambda t: loss(nnx.merge(graphdef, t, frozen))[0])(trainable)
+    return jax.jit(jax.grad(lambda t, f: loss(nnx.merge(graphdef, t, f))[0]))(trainable, frozen)
 
 
 def _max_abs(tree):
@@ -222,12 +223,8 @@ def test_gradient_accumulation_averages_micro_batches():
     state = TrainState.create(trainable, tx, jax.random.key(0))
     new_state, metrics = step(state, frozen, _stack(micro))
     step_rng = jax.random.split(jax.random.key(0))[1]
-    per_micro = [
-        jax.grad(
-            lambda t, b=b, i=i: loss_fn(nnx.merge(graphdef, t, frozen), b, jax.random.fold_in(step_rng, i))[0]
-        )(trainable)
-        for i, b in enumerate(micro)
-    ]
+    grad = jax.jit(jax.grad(lambda t, b, key: loss_fn(nnx.merge(graphdef, t, frozen), b, key)[0]))
+    per_micro = [grad(trainable, b, jax.random.fold_in(step_rng, i)) for i, b in enumerate(micro)]
     expected = jax.tree.map(lambda p, a, b: p - (a + b) / 2, trainable, *per_micro)
     for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, want, atol=1e-6)

@@ -5,13 +5,35 @@ from pathlib import Path
 import pytest
 
 from clara_jax.model.presets import PRESETS
-from clara_jax.training.config import ConfigError, load_config
+from clara_jax.model.stage_registry import STAGE_LIST
+from clara_jax.training.config import ConfigError, load_config, stage_config_spec
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("stage*.py"))
 
 
 def test_there_is_a_config_per_stage():
-    assert [p.name for p in CONFIGS] == ["stage1_scp.py", "stage2_instruct.py", "stage3_e2e.py"]
+    assert [p.stem for p in CONFIGS] == [s.config_module for s in STAGE_LIST]
+    for path, stage in zip(CONFIGS, STAGE_LIST):
+        assert load_config(f"{path}:tiny").stage == stage.name
+
+
+def test_a_config_loads_by_module_name_from_the_installed_package(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ directory here: only the installed package can answer
+    by_name = load_config("stage3_e2e:tiny,runlocal", ["--config.optim.lr=3e-4"])
+    by_file = load_config(f"{CONFIGS[2]}:tiny,runlocal", ["--config.optim.lr=3e-4"])
+    assert by_name.to_dict() == by_file.to_dict()
+    with pytest.raises(ConfigError, match="stage9_x.*installed configs.*stage1_scp"):
+        load_config("stage9_x:tiny")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nowhere/stage1_scp.py:tiny")
+
+
+def test_the_sibling_stage_config_keeps_the_form_and_the_arg():
+    assert (
+        stage_config_spec("configs/stage1_scp.py:tiny,runlocal", "stage3")
+        == "configs/stage3_e2e.py:tiny,runlocal"
+    )
+    assert stage_config_spec("stage1_scp:mistral_7b", "stage2") == "stage2_instruct:mistral_7b"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

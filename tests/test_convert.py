@@ -19,11 +19,11 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from clara_jax.cli.convert import add_parser as add_convert_parser  # noqa: E402
 from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR  # noqa: E402
 from clara_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from clara_jax.inference.model_dir import load_clara_model, save_clara_model  # noqa: E402
 from clara_jax.interop import official  # noqa: E402
-from clara_jax.interop.convert_cli import add_convert_parser  # noqa: E402
 from clara_jax.interop.official import convert_official  # noqa: E402
 from clara_jax.interop.peft import load_peft_adapter, save_peft_adapter  # noqa: E402
 from clara_jax.model.clara import (  # noqa: E402  # noqa: E402
@@ -324,7 +324,7 @@ def test_official_config_is_binding(official_ckpt, tmp_path):
     with pytest.raises(ValueError, match="compr_rate=4, but 8 was asserted"):
         convert_official(ckpt, base_dir, tmp_path / "x", compression_rate=8)
     argv = ["convert", "--from-official", str(ckpt), "--base", str(base_dir), "--out", str(tmp_path / "y")]
-    assert _cli(argv + ["--doc-max-length", "32"]) == 1
+    assert _cli(argv + ["--doc-max-length", "32"]) == 2
     assert not (tmp_path / "y" / "clara.json").exists()
 
 
@@ -341,7 +341,7 @@ def test_pickled_code_is_refused(official_ckpt, tmp_path, monkeypatch, capsys):
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
     argv = ["convert", "--from-official", str(bad), "--base", str(base_dir), "--out", str(tmp_path / "out")]
-    assert _cli(argv) == 1
+    assert _cli(argv) == 2
     assert "refused" in capsys.readouterr().err
     assert calls and all(kw.get("weights_only") is True for kw in calls)
     with pytest.raises(ValueError, match="weights_only"):

@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clara_jax.cli import export as export_cli
+from clara_jax.cli import search as search_cli
 from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
 from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.inference.clara_model import ClaraInference
-from clara_jax.inference.export import add_export_parser, export_corpus, model_fingerprint, read_shard
-from clara_jax.inference.index import EmbeddingIndex, add_search_parser, search_questions
+from clara_jax.inference.export import export_corpus, model_fingerprint, read_shard
+from clara_jax.inference.index import EmbeddingIndex, search_questions
 from clara_jax.inference.model_dir import load_clara_model, save_clara_model
 from clara_jax.model.clara import ROLES, ClaraConfig
 from clara_jax.model.config import tiny_config
@@ -362,8 +364,8 @@ def test_search_questions_and_cli(setup, capsys):
 
     parser = argparse.ArgumentParser(prog="clara-jax")
     sub = parser.add_subparsers(dest="command")
-    add_export_parser(sub)
-    add_search_parser(sub)
+    export_cli.add_parser(sub)
+    search_cli.add_parser(sub)
     args = parser.parse_args(
         [
             "search",
@@ -386,7 +388,7 @@ def test_search_questions_and_cli(setup, capsys):
     args = parser.parse_args(
         ["export", "--model", setup["other_model"], "--corpus", setup["corpus"], "--out", setup["ref"]]
     )
-    assert args.func(args) == 1
+    assert args.func(args) == 2  # bad input: the index belongs to another model
     assert "exported with a different model" in capsys.readouterr().err
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "clara_jax"
 
 LAYERS = [
@@ -19,7 +21,7 @@ LAYERS = [
     {"interop", "inference"},
     {"training"},
     {"serving", "synthesis", "demo"},
-    {"cli", "hf", "topk", "__init__"},  # entry points and public shims
+    {"cli", "__init__"},  # entry points and the public API
 ]
 
 
@@ -110,3 +112,21 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_packages_import_only_their_layer_or_lower():
     upward = [f"{a} -> {b}" for a, targets in _graph().items() for b in targets if _layer(b) > _layer(a)]
     assert upward == []
+
+
+def test_the_public_api_resolves_and_importing_the_package_starts_no_jax():
+    import subprocess
+    import sys
+
+    import clara_jax
+
+    for name in clara_jax.__all__:
+        assert getattr(clara_jax, name) is not None, name
+    assert callable(clara_jax.load_inference) and "stage3" in clara_jax.STAGES
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        clara_jax.nope  # noqa: B018
+    code = (
+        "import sys, clara_jax; print(sorted(m for m in ('jax', 'flax', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from clara_jax.hf import load_decoder, save_decoder  # noqa: E402
 from clara_jax.inference.generation import SamplingConfig, generate  # noqa: E402
+from clara_jax.interop.hf import load_decoder, save_decoder  # noqa: E402
 from clara_jax.interop.peft import load_peft_adapter  # noqa: E402
 from clara_jax.model.config import DecoderConfig  # noqa: E402
 from clara_jax.model.presets import PRESETS  # noqa: E402

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from clara_jax.data.pipeline import BatchIterator, LayoutConfig, bucket_length, process_local
+from clara_jax.data.pipeline import BatchIterator, LayoutConfig, bucket_length
 from clara_jax.data.records import CompressionRecord, InstructionRecord, RetrievalRecord
 from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
 from clara_jax.data.tokenizer import load_tokenizer
@@ -106,10 +106,3 @@ def test_stage2_and_stage3_layouts(tok):
     assert (b3["positives"].sum(-1) == 1).all() and not (b3["positives"] & ~b3["cand_valid"]).any()
     assert b3["query_ids"].shape[-1] < b3["enc_ids"].shape[-1]  # queries use their own short length
     assert ((b3["gen_ids"] == tok.sep_id).sum(-1) == 2).all()  # top-k slots in the prompt
-
-
-def test_process_local_rows():
-    arrays = {"x": np.arange(2 * 8).reshape(2, 8)}
-    parts = [process_local(arrays, p, 4)["x"] for p in range(4)]
-    np.testing.assert_array_equal(np.concatenate(parts, axis=1), arrays["x"])
-    assert parts[1].shape == (2, 2)

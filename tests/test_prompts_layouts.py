@@ -1,4 +1,4 @@
-"""Prompt strings (CLARA_SPEC §1.6) and token layouts (§1.4, §1.5, §1.7, §2) on the tiny tokenizer."""
+"""Prompt strings (docs/official_code.md §1.6) and token layouts (§1.4, §1.5, §1.7, §2) on the tiny tokenizer."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from clara_jax.data.tokenizer import load_tokenizer
 N_MEM = 4
 MEM = "<MEM0><MEM1><MEM2><MEM3><SEP>"
 
-# Copied from CLARA_SPEC §1.6, not from the code under test.
+# Copied from docs/official_code.md §1.6, not from the code under test.
 SPEC_QA_SYSTEM = (
     "You are a helpful assistant. Given a document, your task is to generate some single questions to "
     "cover all key information of the document and answer them sequentially."

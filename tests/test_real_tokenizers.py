@@ -81,7 +81,7 @@ def test_mistral_vocab_and_clara_tokens(mistral):
     assert len(mistral.hf.get_vocab()) == 32000 + N_MEM + 3
     assert (mistral.bos_id, mistral.eos_id) == (1, 2)
     assert mistral.hf.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
-    assert mistral.pad_id == mistral.bos_id == 1  # no pad in Mistral: pad := bos (CLARA_SPEC §1.2)
+    assert mistral.pad_id == mistral.bos_id == 1  # no pad in Mistral: pad := bos (docs/official_code.md §1.2)
     _check_clara_tokens(mistral, 32000)
 
 

@@ -286,7 +286,7 @@ def test_normalisation_rules():
     assert parse_record(instr(0, gold_answer="g"), "stage2").answer == "a0"
     # null counts as absent (HF datasets fills missing columns with null).
     assert parse_record(retr(0, answer=None, gold_answer="g", pos_index=None), "stage3").pos_index == ()
-    with pytest.raises(ValueError, match="unknown stage"):
+    with pytest.raises(ValueError, match="unknown record kind"):
         parse_record(retr(0), "stage4")
 
 
@@ -323,7 +323,7 @@ def test_policy_is_checked(tmp_path):
         read_jsonl(path, "stage3", policy="ignore")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match="unknown stage"):
+    with pytest.raises(ValueError, match="unknown record kind"):
         read_jsonl(empty, "stage4")
 
 

@@ -716,7 +716,7 @@ def test_unexpected_errors_are_500_in_openai_shape():
 
 
 def test_serve_access_rules(capsys):
-    from clara_jax.serving.cli import _access, allowed_hosts, is_loopback
+    from clara_jax.cli.serve import _access, allowed_hosts, is_loopback
 
     assert all(map(is_loopback, ["127.0.0.1", "127.8.0.1", "::1", "[::1]", "localhost", "LocalHost"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.5", "example.org", "localhost.evil", ""]))

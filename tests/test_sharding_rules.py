@@ -13,7 +13,6 @@ from clara_jax.model.lora import LoRAConfig
 from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh
 from clara_jax.parallel.rules import (
     DEFAULT_RULES,
-    batch_sharding,
     logical_to_spec,
     replicated,
     shard_state,
@@ -149,7 +148,7 @@ def test_fallback_rules_and_unknown_names(mesh):
 
 
 def test_batch_and_replicated(mesh):
-    assert batch_sharding(mesh, DEFAULT_RULES, 3).spec == P(("data", "fsdp"), None, None)
+    assert logical_to_spec(("batch", None, None), DEFAULT_RULES, mesh) == P(("data", "fsdp"), None, None)
     assert replicated(mesh).spec == P()
 
 
@@ -210,7 +209,7 @@ def test_sharded_forward_matches_single_device(mesh, model):
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, mesh, rules)
     sharded = shard_state(state, shardings)
-    rows = batch_sharding(mesh, rules, 2)
+    rows = NamedSharding(mesh, logical_to_spec(("batch", None), rules, mesh))
     logits_sharding = NamedSharding(
         mesh, logical_to_spec(("batch", "seq", "act_vocab"), rules, mesh, expected.shape)
     )

@@ -1,4 +1,4 @@
-"""The synthetic demo corpus: determinism, official record shapes (CLARA_SPEC §4), answerability, split hygiene."""
+"""The synthetic demo corpus: determinism, official record shapes (docs/official_code.md §4), answerability, split hygiene."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _check_pos(pos, n_docs: int, allow_empty: bool) -> None:
 
 
 def check_record(kind: str, r: dict) -> None:
-    """A local checker of the shapes the official loaders read (CLARA_SPEC §4.1-4.4)."""
+    """A local checker of the shapes the official loaders read (docs/official_code.md §4.1-4.4)."""
     if kind in ("stage1_train", "stage1_eval"):
         assert set(r) == {"data_type", "question", "answers", "docs"}
         assert _is_str_list(r["docs"], 1)

@@ -1,4 +1,4 @@
-"""Tokenizer contract: CLaRa token ids, padding, chat rendering (CLARA_SPEC §1.2, §1.6)."""
+"""Tokenizer contract: CLaRa token ids, padding, chat rendering (docs/official_code.md §1.2, §1.6)."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def test_system_role_fallback_folds_into_user():
 
 def test_other_template_errors_propagate():
     # The old Mistral-v0.2 template has no system role and raises "roles must alternate", which
-    # the official fallback does not catch (CLARA_SPEC §1.6).
+    # the official fallback does not catch (docs/official_code.md §1.6).
     from jinja2.exceptions import TemplateError
 
     old = (

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clara_jax.model.topk import slot_distributions
-from clara_jax.topk import cosine_scores, differentiable_topk
+from clara_jax.model.topk import cosine_scores, differentiable_topk, slot_distributions
 
 # (N, k) grid of the parity test; k <= N.
 GRID = [(n, k) for n in (5, 20, 100) for k in (1, 5, 10) if k <= n]
@@ -180,7 +179,7 @@ def _jacobian(s, k, tau, mask_mode):
 
 
 def test_exact_mode_no_gradient_to_taken_items_and_official_counterexample():
-    # CLARA_SPEC §8.1.2: at tau=0.02 the official -18.4 mask loses to a cosine gap > ~0.37.
+    # docs/official_code.md §8.1 item 2: at tau=0.02 the official -18.4 mask loses to a cosine gap > ~0.37.
     # Doc 0 (0.9) is taken by slot 0 and beats doc 1 (0.5) by 0.4, so in slot 1 official mode
     # still puts most soft mass (and gradient) on doc 0. This shows the checks below can fail.
     s = np.array([[0.9, 0.5, 0.1, 0.3, -0.2]], np.float32)

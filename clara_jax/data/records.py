@@ -1,6 +1,6 @@
 """Normalised training/evaluation records, and the validation that turns a raw dict into one.
 
-The official loader (`preprocess_data`, CLARA_SPEC §4) guesses field names and fails late: a stage-3
+The official loader (`preprocess_data`, docs/official_code.md §4) guesses field names and fails late: a stage-3
 record with only `gold_answer` crashes deep in the pipeline (§8.1 item 7), and a QA record whose
 questions and answers differ in length is silently truncated by `zip`. Here every record is checked
 once, up front, and a bad one yields a `RecordError` that names the file, the line, the field, what
@@ -38,7 +38,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-STAGES = ("stage1", "stage2", "stage3", "eval")
+# Record layouts, named after the stage that reads them (model/stage_registry.py: Stage.record_kind),
+# plus the evaluation layout (a stage-3 record whose answers are all golds).
+RECORD_KINDS = ("stage1", "stage2", "stage3", "eval")
 DOC_FIELDS = ("docs", "context", "content")
 
 
@@ -222,8 +224,8 @@ def parse_record(
     `docs_per_example` (stages 2, 3, eval): require exactly this many docs (stage 2 batches stack
     a fixed number of compressed docs per question). Stage 1 always requires exactly one doc.
     """
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    if stage not in RECORD_KINDS:
+        raise ValueError(f"unknown record kind {stage!r}; expected one of {RECORD_KINDS}")
     check = _Checker(obj if isinstance(obj, dict) else {}, where, line, index)
     if not isinstance(obj, dict):
         raise check.fail(None, "a JSON object", f"{_type_name(obj)} {short_repr(obj)}", "not an object")
@@ -263,7 +265,7 @@ def _compression(check: _Checker) -> CompressionRecord:
         if len(answers) != 1:
             raise check.fail("answers", "exactly 1 paraphrase", f"{len(answers)}", "wrong count")
         return CompressionRecord(kind="paraphrase", doc=docs[0], questions=(), answers=answers)
-    # Every other data_type ("qa", "simple_qa", "complex_qa", ...) takes the QA path (CLARA_SPEC §4.1).
+    # Every other data_type ("qa", "simple_qa", "complex_qa", ...) takes the QA path (docs/official_code.md §4.1).
     questions = check.strings("question", check.get("question"))
     if len(questions) != len(answers):
         got = f"{len(questions)} questions and {len(answers)} answers"

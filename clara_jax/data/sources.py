@@ -23,7 +23,7 @@ from typing import Any
 
 from clara_jax.data import strict_json
 from clara_jax.data.records import (
-    STAGES,
+    RECORD_KINDS,
     DataError,
     ReadReport,
     Record,
@@ -51,8 +51,8 @@ def _check_args(policy: str, stage: str) -> None:
     """Fail before reading, not at the first record (an empty file would never fail)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    if stage not in RECORD_KINDS:
+        raise ValueError(f"unknown record kind {stage!r}; expected one of {RECORD_KINDS}")
 
 
 def _validated(

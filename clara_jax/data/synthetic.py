@@ -1,4 +1,4 @@
-"""A tiny synthetic knowledge corpus in every official CLaRa JSONL format (CLARA_SPEC §4).
+"""A tiny synthetic knowledge corpus in every official CLaRa JSONL format (docs/official_code.md §4).
 
 Why synthetic: the CPU demo trains a 2-layer decoder with a ~384-token byte-level BPE through all
 three stages in minutes, and it must still show real learning (stage-3 Recall@k above chance, answer
@@ -541,7 +541,7 @@ def _passage_id(i: int, e: Entity) -> str:
 
 
 def chance_recall(records: Iterable[dict], k: int) -> float:
-    """Expected official Recall@k (CLARA_SPEC §5.1) of a uniformly random ranking.
+    """Expected official Recall@k (docs/official_code.md §5) of a uniformly random ranking.
 
     A random top-k holds k·|G|/N golds on average, so recall = (k·|G|/N)/|G| = k/N per question,
     whatever |G|; questions with no gold count 0, as in the official average.

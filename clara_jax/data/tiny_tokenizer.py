@@ -3,7 +3,7 @@
 Tests cannot download Mistral's tokenizer, yet the data pipeline must be exercised on a real
 tokenizer (BPE merges, added special tokens, a jinja chat template, left padding). This module
 trains a byte-level BPE of at most a few hundred tokens on a small built-in English corpus (the
-CLaRa prompt texts of CLARA_SPEC §1.6 plus generic sentences) and gives it Mistral's conventions:
+CLaRa prompt texts of docs/official_code.md §1.6 plus generic sentences) and gives it Mistral's conventions:
 `<unk>`=0, `<s>`=1 (bos, prepended when `add_special_tokens=True`), `</s>`=2 (eos), no pad token,
 and the Mistral-v0.2 chat template that folds a system message into the first `[INST]`.
 

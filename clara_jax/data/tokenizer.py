@@ -1,6 +1,6 @@
 """CLaRa tokenizer: a local Hugging Face fast tokenizer plus the CLaRa special tokens.
 
-Mirrors the official set-up (CLARA_SPEC §1.2): the distinct memory tokens `<MEM0>…<MEM{n-1}>`
+Mirrors the official set-up (docs/official_code.md §1.2): the distinct memory tokens `<MEM0>…<MEM{n-1}>`
 and `<AE>`, `<ENC>`, `<SEP>` are appended, in that order, after the base vocabulary, so the
 model's embedding matrix grows by exactly `n_mem + 3` rows in the same order; padding is on the
 left; pad := bos when the tokenizer has none (Mistral). Prompts are rendered with the tokenizer's
@@ -154,7 +154,7 @@ _NO_SYSTEM_ROLE = re.compile(r"system role not supported", re.IGNORECASE)
 
 
 def render_chat(tok: ClaraTokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    """Render chat messages to text with the tokenizer's chat template (CLARA_SPEC §1.6).
+    """Render chat messages to text with the tokenizer's chat template (docs/official_code.md §1.6).
 
     As in the official code, `enable_thinking=False` is passed (a no-op for Mistral), and only a
     "System role not supported" template error makes us fold the system message into the first

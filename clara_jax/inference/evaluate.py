@@ -1,6 +1,6 @@
 """End-to-end evaluation of a CLaRa model on retrieval records (question, candidates, gold).
 
-The protocol of the official evaluate.py (CLARA_SPEC §5): the query reasoner ranks the
+The protocol of the official evaluate.py (docs/official_code.md §5): the query reasoner ranks the
 candidates, the generator answers greedily from the top-k compressed documents in score
 order, and answers are scored against the first gold answer (EM, F1, Cover-EM) while the
 ranking is scored with Recall@k over all questions.

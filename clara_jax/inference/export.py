@@ -19,13 +19,10 @@ give an index whose vectors are not comparable.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import struct
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -355,71 +352,3 @@ def export_corpus(
             bar.update(hi - lo)
         bar.close()
     return _finalize(out_dir, plan) or plan
-
-
-# --- CLI -------------------------------------------------------------------------------------------
-
-
-def _export_cmd(args: argparse.Namespace) -> int:
-    from clara_jax.parallel.distributed import (
-        DistributedError,
-        distributed_config_from_args,
-        initialize_distributed,
-    )
-
-    t0 = time.perf_counter()
-    try:
-        initialize_distributed(distributed_config_from_args(args))  # before any device is touched
-        manifest = export_corpus(
-            args.model,
-            args.corpus,
-            args.out,
-            dtype=args.dtype,
-            shard_size=args.shard_size,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError, DistributedError) as exc:
-        print(f"clara-jax export: error: {exc}", file=sys.stderr)
-        return 1
-    seconds = time.perf_counter() - t0
-    if manifest["complete"]:
-        print(
-            f"exported {manifest['count']} documents in {manifest['num_shards']} shards "
-            f"({manifest['dtype']}, [{manifest['n_mem']}, {manifest['hidden_size']}] each) to {args.out} "
-            f"in {seconds:.1f}s"
-        )
-    else:
-        print(f"this process's shards are done ({seconds:.1f}s); other processes are still exporting")
-    return 0
-
-
-def add_export_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `clara-jax export` on the CLI's sub-parsers."""
-    parser = subparsers.add_parser(
-        "export",
-        help="compress a corpus into sharded memory vectors for offline retrieval (resumable)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Compress every document of a corpus with the model's compressor and write\n"
-        "OUT/shard-NNNNN.safetensors (tensor 'embeddings' [n, n_mem, D], ids in the metadata) and\n"
-        "OUT/manifest.json (model fingerprint, settings, per-shard sha256). Re-running resumes: finished\n"
-        "shards are verified and skipped, torn ones redone; a different model, corpus or dtype is refused.\n"
-        "On several JAX processes, process p exports shards p, p+P, ….\n\n"
-        "The corpus is JSONL of {'id', 'text'} or {'id', 'title', 'text'} (text = title + newline + text),\n"
-        "or the same columns in .json / .parquet (read with HF datasets).\n\n"
-        "  clara-jax export --model runs/s3/model --corpus wiki.jsonl --out runs/wiki-index --dtype bfloat16",
-    )
-    parser.add_argument("--model", required=True, help="a model directory (a run's WORKDIR/model)")
-    parser.add_argument("--corpus", required=True, help="documents: .jsonl, .json or .parquet")
-    parser.add_argument("--out", required=True, help="export directory (created; resumed if it exists)")
-    parser.add_argument(
-        "--dtype", choices=DTYPES, default="float32", help="stored vector dtype (default float32)"
-    )
-    parser.add_argument("--shard-size", type=int, default=4096, help="documents per shard (default 4096)")
-    parser.add_argument("--batch-size", type=int, default=32, help="documents per model call (default 32)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in log files)")
-    from clara_jax.parallel.distributed import add_multihost_arguments
-
-    add_multihost_arguments(parser)
-    parser.set_defaults(func=_export_cmd)
-    return parser

@@ -13,12 +13,9 @@ dtype), as stage 3 ranks them. The FAISS backend trades memory for speed: it hol
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +24,6 @@ import numpy as np
 from clara_jax.inference.export import (
     FORMAT,
     FORMAT_VERSION,
-    model_fingerprint,
     read_shard,
     sha256_file,
     shard_name,
@@ -329,102 +325,3 @@ def generate_from_index(
         list(questions), memory.reshape(-1, *memory.shape[2:]), max_new_tokens, sampling
     )
     return answers, ids, scores
-
-
-# --- CLI -------------------------------------------------------------------------------------------
-
-
-def _read_questions(path: str) -> list[str]:
-    questions = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not JSON ({exc.msg})") from None
-            q = obj.get("question") if isinstance(obj, dict) else obj
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError(
-                    f"{path}:{line_no}: expected {{'question': TEXT}} or a JSON string, got {line[:80]!r}"
-                )
-            questions.append(q)
-    if not questions:
-        raise ValueError(f"{path}: no questions")
-    return questions
-
-
-def _search_cmd(args: argparse.Namespace) -> int:
-    from clara_jax.inference.clara_model import ClaraInference
-    from clara_jax.inference.model_dir import load_clara_model
-
-    try:
-        questions = args.question or _read_questions(args.questions)
-        index = EmbeddingIndex.open(args.index)
-        tok, model, clara = load_clara_model(args.model)
-        inference = ClaraInference(tok, model, clara, batch_size=args.batch_size)
-        t0 = time.perf_counter()
-        ids, scores = search_questions(
-            inference,
-            questions,
-            args.k,
-            index=index,
-            backend=args.backend,
-            model_fingerprint=model_fingerprint(args.model),
-        )
-        seconds = time.perf_counter() - t0
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"clara-jax search: error: {exc}", file=sys.stderr)
-        return 1
-    for q, row_ids, row_scores in zip(questions, ids, scores):
-        if args.json:
-            print(
-                json.dumps(
-                    {"question": q, "ids": row_ids, "scores": [round(float(s), 6) for s in row_scores]}
-                )
-            )
-        else:
-            print(f"Q: {q}")
-            for rank, (doc_id, score) in enumerate(zip(row_ids, row_scores), start=1):
-                print(f"  {rank:>3}. {score:.4f}  {doc_id}")
-    if not args.json:
-        print(f"{len(questions)} questions over {len(index)} documents in {seconds:.2f}s", file=sys.stderr)
-    return 0
-
-
-def add_search_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `clara-jax search` on the CLI's sub-parsers."""
-    parser = subparsers.add_parser(
-        "search",
-        help="retrieve the top-k documents of an exported corpus for questions (query reasoner + cosine)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Encode questions with the model's query reasoner and return the k documents of an\n"
-        "index written by `clara-jax export` with the highest cosine similarity (float32). The model must\n"
-        "be the one the index was exported with (same fingerprint, n_mem and hidden size).\n"
-        "The jax backend streams over the shards (one shard in memory at a time); faiss (pip install\n"
-        "faiss-cpu) builds an exact IndexFlatIP over all vectors in memory.\n\n"
-        "  clara-jax search --model runs/s3/model --index runs/wiki-index --question 'Who founded X?' -k 5\n"
-        "  clara-jax search --model runs/s3/model --index runs/wiki-index --questions q.jsonl --json",
-    )
-    parser.add_argument("--model", required=True, help="the model directory the index was exported with")
-    parser.add_argument("--index", required=True, help="an export directory (clara-jax export --out)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--question", nargs="+", metavar="TEXT", help="one or more questions")
-    source.add_argument(
-        "--questions",
-        metavar="FILE.jsonl",
-        help="questions, one per line: {'question': TEXT} or a JSON string",
-    )
-    parser.add_argument("-k", type=int, default=5, help="documents per question (default 5)")
-    parser.add_argument(
-        "--backend", choices=BACKENDS, default="jax", help="jax (streaming, default) or faiss"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="questions per query-encoder call (default 8)"
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object per question: {question, ids, scores}"
-    )
-    parser.set_defaults(func=_search_cmd)
-    return parser

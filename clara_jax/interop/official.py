@@ -1,6 +1,6 @@
 """Official CLaRa (apple/ml-clara) checkpoints -> a clara-jax model directory.
 
-An official checkpoint (CLARA_SPEC §1.2, `save_pretrained` L1184-1220) holds only what differs
+An official checkpoint (docs/official_code.md §1.2, `save_pretrained` L1184-1220) holds only what differs
 from the base LLM:
 
     config.json                    CLaRaConfig (checked field by field: official_config.py)

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -183,11 +182,6 @@ def read_slice(path: str, key: str, index: tuple[slice, ...]) -> np.ndarray:
     """
     with safe_open(path, framework="numpy") as f:
         return f.get_slice(key)[index]
-
-
-def iter_tensors(tensors: dict[str, SafetensorsFile]) -> Iterator[tuple[str, np.ndarray]]:
-    for key, file in tensors.items():
-        yield key, file.get(key)
 
 
 # Bytes read from each end of every tensor for `weights_digest`.

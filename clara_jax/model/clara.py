@@ -24,7 +24,7 @@ ROLES = (COMPRESSOR, QUERY_REASONER, GENERATOR)
 
 @dataclasses.dataclass(frozen=True)
 class ClaraConfig:
-    """Method settings shared by every stage (CLARA_SPEC §1–3)."""
+    """Method settings shared by every stage (docs/official_code.md §1–3)."""
 
     mem_token_ids: tuple  # ids of <MEM0>…<MEM{n-1}>, consecutive (the tokenizer's contract)
     doc_max_length: int = 256

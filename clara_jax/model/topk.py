@@ -1,12 +1,12 @@
-"""Straight-through differentiable top-k for CLaRa stage 3 (paper Algorithm 1, CLARA_SPEC §2.3).
+"""Straight-through differentiable top-k for CLaRa stage 3 (paper Algorithm 1, docs/official_code.md §2.3).
 
 The generator must see exactly the k retrieved documents (a hard selection), yet the query
 reasoner needs a gradient through that selection. The forward value is therefore the hard top-k
 one-hot; the backward pass is that of k sequential masked softmaxes, slot j renormalising over the
 candidates not taken by slots < j.
 
-Two masks for "already taken" exist because the official code's mask is too weak (CLARA_SPEC
-§8.1 item 2): it adds log(1e-8) ~ -18.4 to logits s/tau that span +-50 at tau=0.02, so a taken
+Two masks for "already taken" exist because the official code's mask is too weak
+(docs/official_code.md §8.1 item 2): it adds log(1e-8) ~ -18.4 to logits s/tau that span +-50 at tau=0.02, so a taken
 document can keep most of a later slot's soft mass and receive gradient for a slot it can never
 fill. `mask_mode="exact"` (default) removes taken items exactly, matching the paper's intent;
 `mask_mode="official"` reproduces the official numbers for parity checks and ablations.

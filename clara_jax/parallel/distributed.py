@@ -217,35 +217,3 @@ def barrier(name: str, timeout_seconds: int = 1800) -> None:
         multihost_utils.sync_global_devices(f"{name} #{_barriers}")
         return
     client.wait_at_barrier(f"clara_jax:{name}:{_barriers}", timeout_in_ms=timeout_seconds * 1000)
-
-
-def add_multihost_arguments(parser) -> None:
-    """The `--multihost/--coordinator/--num-processes/--process-id` flags of multi-process commands."""
-    group = parser.add_argument_group(
-        "multi-process runs",
-        f"Every process runs the same command. Explicit values (or {ENV_COORDINATOR}, "
-        f"{ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}) imply a multi-process run; on a TPU pod, Slurm or "
-        "Open MPI, --multihost auto detects them.",
-    )
-    group.add_argument(
-        "--multihost",
-        choices=MODES,
-        default="off",
-        help="auto: jax.distributed with cluster auto-detection; off (default): single process "
-        "unless the values below are given",
-    )
-    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
-    group.add_argument("--num-processes", type=int, default=None, metavar="N", help="number of processes")
-    group.add_argument(
-        "--process-id", type=int, default=None, metavar="I", help="this process's index, 0..N-1"
-    )
-
-
-def distributed_config_from_args(args) -> DistributedConfig:
-    """The parsed flags of `add_multihost_arguments`, completed from the environment."""
-    return DistributedConfig.from_args(
-        getattr(args, "multihost", "off"),
-        getattr(args, "coordinator", None),
-        getattr(args, "num_processes", None),
-        getattr(args, "process_id", None),
-    )

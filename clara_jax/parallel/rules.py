@@ -129,11 +129,6 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
-    """Rows over the "batch" rule's mesh axes, every other dimension whole."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
-
-
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 

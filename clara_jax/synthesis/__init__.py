@@ -3,5 +3,6 @@
 The paper (§2.1, Appendix I) describes the pipeline but ships no code for it; this package is our
 implementation: `prompts` (our own instructions and few-shot examples), `parsing` (tolerant reading of
 what LLMs really return), `backends` (local ChatModel, OpenAI-compatible endpoints, scripted replies),
-`pipeline` (the per-document state machine), `store` (resumable sharded output) and `cli`.
+`pipeline` (the per-document state machine) and `store` (resumable sharded output); the
+`clara-jax synthesize` command is clara_jax/cli/synthesize.py.
 """

@@ -16,9 +16,7 @@ package (the `[tpu]` extra), or `<venv>/libtpu-aside/libtpu/libtpu.so`, where
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import re
@@ -40,7 +38,6 @@ _ACCELERATOR_TYPE = {
     "v5p": "v5p-{cores}",
     "v6e": "v6e-{chips}",
 }
-STAGE_FILES = {"stage1": "stage1_scp.py", "stage2": "stage2_instruct.py", "stage3": "stage3_e2e.py"}
 _TOPOLOGY_RE = re.compile(r"^(?P<gen>[a-z0-9]+):(?P<shape>\d+(?:x\d+)*?)(?:x(?P<slices>\d+)slices)?$")
 
 
@@ -209,44 +206,23 @@ def _vocabulary(config):
 
 
 def abstract_model(config):
-    """The stage's model (base + CLaRa rows + three adapters) as shapes only, and its ClaraConfig."""
-    import jax
+    """The stage's model (base + CLaRa rows + three adapters) as shapes only, and its ClaraConfig:
+    `build_model`'s recipe on the preset's architecture, with no weights read."""
     from flax import nnx
 
-    from clara_jax.model.clara import ROLES, ClaraConfig
     from clara_jax.model.decoder import Decoder
-    from clara_jax.model.lora import LoRAConfig
     from clara_jax.model.presets import preset
-    from clara_jax.model.vocab import extend_vocabulary
+    from clara_jax.training.build import add_clara_parts, clara_config
 
     base_vocab, vocab, mem_ids = _vocabulary(config)
     arch = preset(config.model.preset).replace(vocab_size=base_vocab)
-    targets = config.lora.target_modules
-    lora = LoRAConfig(
-        rank=config.lora.rank,
-        alpha=config.lora.alpha,
-        dropout=config.lora.dropout,
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
-    )
 
     def build():
         model = Decoder(arch, rngs=nnx.Rngs(0), dtype=config.model.dtype, remat=config.model.remat)
-        extend_vocabulary(model, vocab, key=jax.random.key(0), trainable_token_ids=mem_ids)
-        for i, role in enumerate(ROLES):
-            model.add_adapter(role, lora, rngs=nnx.Rngs(1 + i))
+        add_clara_parts(model, config, vocab, mem_ids, base_vocab)
         return model
 
-    c = config.clara
-    clara = ClaraConfig(
-        mem_token_ids=mem_ids,
-        doc_max_length=c.doc_max_length,
-        compression_rate=c.compression_rate,
-        mse_weight=c.mse_weight,
-        top_k=c.top_k,
-        temperature=c.temperature,
-        topk_mask_mode=c.topk_mask_mode,
-    )
-    return nnx.eval_shape(build), clara
+    return nnx.eval_shape(build), clara_config(config, mem_ids)
 
 
 def abstract_batch(config, n_mem: int, gen_length: int = 0, query_length: int = 0) -> dict:
@@ -256,13 +232,16 @@ def abstract_batch(config, n_mem: int, gen_length: int = 0, query_length: int = 
     import jax
     import jax.numpy as jnp
 
+    from clara_jax.model.stage_registry import get_stage
+
     c, b = config.clara, config.batch
     steps, micro = b.global_size // b.micro_size, b.micro_size
     enc_len = c.doc_max_length + 3 + n_mem
     gen_len = gen_length or c.generator_max_length
     ids = lambda rows, length: jax.ShapeDtypeStruct((steps, rows, length), jnp.int32)
     flags = lambda rows, length: jax.ShapeDtypeStruct((steps, rows, length), jnp.bool_)
-    docs = config.data.candidates if config.stage == "stage3" else c.docs_per_example
+    retrieval = get_stage(config.stage).retrieval
+    docs = config.data.candidates if retrieval else c.docs_per_example
     batch = {
         "enc_ids": ids(micro * docs, enc_len),
         "enc_mask": flags(micro * docs, enc_len),
@@ -271,7 +250,7 @@ def abstract_batch(config, n_mem: int, gen_length: int = 0, query_length: int = 
         "targets": ids(micro, gen_len),
         "target_mask": flags(micro, gen_len),
     }
-    if config.stage == "stage3":
+    if retrieval:
         q_len = (query_length or c.query_max_length + 3) + n_mem
         batch.update(
             query_ids=ids(micro, q_len),
@@ -314,45 +293,37 @@ def compile_stage(
     import jax
 
     from clara_jax.parallel.mesh import describe
-    from clara_jax.parallel.rules import parse_rules, state_shardings
+    from clara_jax.parallel.rules import logical_to_spec, parse_rules
     from clara_jax.training.build import optimizer_config
-    from clara_jax.training.objectives import stage_loss_fn
-    from clara_jax.training.optimizer import learning_rate_schedule, make_optimizer
-    from clara_jax.training.stages import stage_spec
-    from clara_jax.training.step import (
-        StepShardings,
-        TrainState,
-        compile_train_step,
-        make_train_step,
-        micro_batch_shardings,
-    )
-    from clara_jax.training.trainable import split_trainable
+    from clara_jax.training.stages import stage_program, stage_spec
 
     mesh = _mesh_for(config, devices, topology, dcn_spec)
     rules = parse_rules(config.sharding_rules)
     model, clara = abstract_model(config)
     spec = stage_spec(config.stage, docs_per_example=config.clara.docs_per_example)
-    graphdef, trainable, frozen = split_trainable(model, spec.adapters, spec.train_mem_rows)
-    optim = optimizer_config(config, max(config.total_steps, 1000))
-    tx = make_optimizer(optim)
-    state = jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.key(config.seed)), trainable)
     batch = abstract_batch(config, clara.n_mem, gen_length, query_length)
-    shardings = StepShardings(
-        state=state_shardings(state, mesh, rules),
-        frozen=state_shardings(frozen, mesh, rules),
-        batch=micro_batch_shardings(batch, mesh, ("data", "fsdp")),
+    # the program `clara-jax train` runs (training/loop.py builds it with build_stage_trainer)
+    program = stage_program(
+        model,
+        spec,
+        clara,
+        optimizer_config(config, max(config.total_steps, 1000)),
+        mesh,
+        batch,
+        rules=rules,
+        seed=config.seed,
+        gumbel=config.clara.gumbel,
+        straight_through=config.clara.straight_through,
     )
-    loss_fn = stage_loss_fn(
-        spec.name, clara, docs_per_example=spec.docs_per_example, gumbel=config.clara.gumbel
-    )
-    step = compile_train_step(
-        make_train_step(graphdef, loss_fn, tx, learning_rate_schedule(optim)), shardings, mesh
-    )
-    splits = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp"))
+    step, state, frozen = program.step, program.abstract_state, program.frozen
+    batch_spec = logical_to_spec(("batch",), rules, mesh)[0]
+    batch_axes = () if batch_spec is None else (batch_spec,) if isinstance(batch_spec, str) else batch_spec
+    splits = math.prod(mesh.shape[a] for a in batch_axes)
     if config.batch.micro_size % splits:
         log(
             f"{config.stage}: warning: batch.micro_size={config.batch.micro_size} is not a multiple of "
-            f"data x fsdp = {splits}: every device computes the whole micro-batch"
+            f"{' x '.join(batch_axes)} = {splits} (the batch rule's mesh axes): the rows are split over "
+            "fewer devices, or none"
         )
     log(f"{config.stage}: lowering on {describe(mesh)} ...")
     with jax.set_mesh(mesh):
@@ -403,19 +374,13 @@ def compile_stage(
     )
 
 
-def stage_config_spec(spec: str, stage: str) -> str:
-    """The same config ARG in `stage`'s file next to the given one ('.../stage1_scp.py:x' -> stage3)."""
-    path, sep, arg = spec.partition(":")
-    return os.path.join(os.path.dirname(path), STAGE_FILES[stage]) + sep + arg
-
-
 def load_stage_config(spec: str, overrides: list[str], parallelism: str = ""):
     """Load, override and validate a run config; a base path is not needed (shapes come from the preset)."""
     from clara_jax.training.config import apply_overrides, load_config_file, validate
 
     config = load_config_file(spec)
     if parallelism:
-        from configs.common import apply_parallelism
+        from clara_jax.parallel.presets import apply_parallelism
 
         apply_parallelism(config, parallelism)
     config = apply_overrides(config, list(overrides))
@@ -424,127 +389,3 @@ def load_stage_config(spec: str, overrides: list[str], parallelism: str = ""):
         check.model.path = "<architecture from the preset>"
     validate(check)
     return config
-
-
-def run_compile(args: argparse.Namespace, overrides: list[str]) -> int:
-    from clara_jax.training.config import ConfigError
-
-    if not os.environ.get("JAX_PLATFORMS"):
-        import jax  # the host runs on CPU; the TPU is only described (no probing for a local one)
-
-        jax.config.update("jax_platforms", "cpu")
-    try:
-        topology = Topology.parse(args.topology)
-        first = load_stage_config(args.config, overrides, args.parallelism)
-        stages = sorted(STAGE_FILES) if args.all_stages else _parse_stages(args.stages, first.stage)
-        libtpu = find_libtpu(args.libtpu)
-        if libtpu is None:
-            raise AotError(
-                "libtpu not found: pip install 'clara_jax[tpu]', or `pip install --no-deps --target "
-                ".venv/libtpu-aside libtpu==<version jax[tpu] pins>` (scripts/bootstrap.sh does this), "
-                "or pass --libtpu PATH / set TPU_LIBRARY_PATH"
-            )
-        devices = topology_devices(topology, libtpu)
-        print(f"topology {topology.name}: {len(devices)} x {devices[0].device_kind} (libtpu {libtpu})")
-        results = []
-        for stage in stages:
-            config = (
-                first
-                if stage == first.stage
-                else load_stage_config(stage_config_spec(args.config, stage), overrides, args.parallelism)
-            )
-            result = compile_stage(
-                config,
-                topology,
-                devices,
-                hbm_bytes=int(args.hbm_gib * 2**30) if args.hbm_gib else None,
-                dcn_spec=args.dcn_mesh,
-                gen_length=args.gen_length,
-                query_length=args.query_length,
-            )
-            print(result.summary(), flush=True)
-            results.append(result)
-    except (AotError, ConfigError) as err:
-        print(f"clara-jax compile: error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.to_json() for r in results], f, indent=2)
-        print(f"wrote {args.json}")
-    too_big = [r for r in results if not r.fits]
-    hint = (
-        "try a larger topology, --config.model.remat=full, a smaller --config.batch.micro_size, or more fsdp"
-    )
-    for r in too_big:
-        need = (
-            f"the TPU compiler ran out of HBM ({r.error})"
-            if r.error
-            else f"needs {r.total_bytes / 2**30:.2f} GiB per device, more than the "
-            f"{r.hbm_bytes / 2**30:.2f} GiB of HBM per chip"
-        )
-        print(f"clara-jax compile: error: {r.stage} on {r.topology}: {need}; {hint}", file=sys.stderr)
-    return 1 if too_big else 0
-
-
-def _parse_stages(text: str, default: str) -> list[str]:
-    if not text:
-        return [default]
-    stages = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        name = part if part.startswith("stage") else f"stage{part}"
-        if name not in STAGE_FILES:
-            raise AotError(f"--stages {text!r}: {part!r} is not a stage; use 1, 2, 3 (or stage1, ...)")
-        stages.append(name)
-    return stages
-
-
-def add_compile_parser(sub) -> None:
-    p = sub.add_parser(
-        "compile",
-        help="compile a stage's train step ahead of time for a TPU topology and check it fits in HBM",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Lower and compile the real train step of one or more stages, with the config's mesh and\n"
-        "sharding rules, for a TPU slice described by libtpu (no TPU needed), and report the per-device\n"
-        "memory XLA plans (arguments, outputs, temporaries, generated code) against the chip's HBM.\n"
-        "Shapes are the longest the data pipeline can produce (doc_max_length, generator_max_length).\n"
-        "Exit status: 0 fits, 1 does not fit, 2 bad input (topology, mesh, config, no libtpu).\n\n"
-        "  clara-jax compile --config configs/stage1_scp.py:mistral_7b --topology v5e:4x4 --stages 1,3 \\\n"
-        "      --config.batch.micro_size=16 --json aot.json\n\n"
-        f"Topologies: GENERATION:AxB[xC][xNslices] with GENERATION in {', '.join(sorted(HBM_GIB))}\n"
-        "(HBM per chip GiB: " + ", ".join(f"{g} {h:g}" for g, h in sorted(HBM_GIB.items())) + ").",
-    )
-    p.add_argument(
-        "--config", required=True, help="configs/FILE.py:ARG, e.g. configs/stage1_scp.py:mistral_7b"
-    )
-    p.add_argument(
-        "--topology", required=True, help="e.g. v5e:4x4 (v5e-16), v5p:2x2x1 (v5p-8), v5e:4x4x2slices"
-    )
-    p.add_argument(
-        "--stages",
-        default="",
-        help="comma-separated stages to compile, e.g. 1,3 (default: the config's own stage); the other "
-        "stages' configs are the sibling files with the same ARG and the same --config.* overrides",
-    )
-    p.add_argument("--all-stages", action="store_true", help="compile stages 1, 2 and 3")
-    p.add_argument(
-        "--parallelism",
-        default="",
-        help="a sharding preset of configs/common.py applied before the overrides "
-        "(fsdp, fsdp_tp2, fsdp_tp4, dp: mesh, remat and dtype for 7B-class models)",
-    )
-    p.add_argument("--libtpu", default=None, help="path of libtpu.so (or its directory)")
-    p.add_argument(
-        "--hbm-gib", type=float, default=0.0, help="HBM per device to check against (default: the chip's)"
-    )
-    p.add_argument("--dcn-mesh", default="", help="mesh axes across slices, e.g. data=2 (default data=-1)")
-    p.add_argument(
-        "--gen-length", type=int, default=0, help="generator length (default generator_max_length)"
-    )
-    p.add_argument(
-        "--query-length",
-        type=int,
-        default=0,
-        help="stage-3 query tokens before <MEM*> (default query_max_length+3)",
-    )
-    p.add_argument("--json", default="", help="also write the results to this JSON file")
-    p.set_defaults(func=run_compile, takes_overrides=True)

@@ -3,9 +3,9 @@
 Stages chain through `init_from` (the previous stage's workdir):
   stage 2 <- stage 1: the compressor and the <MEM*> rows; a fresh generator (as the paper does)
   stage 3 <- stage 2: compressor, generator and <MEM*> rows; the query reasoner starts as a copy
-                      of the compressor (CLARA_SPEC §1.3)
+                      of the compressor (docs/official_code.md §1.3)
 The shape-defining settings (preset, compression rate, doc length, LoRA) are taken from the
-previous stage's saved config and must agree with this run's (CLARA_SPEC §8.1 item 4).
+previous stage's saved config and must agree with this run's (docs/official_code.md §8.1 item 4).
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
 from clara_jax.data.tokenizer import ClaraTokenizer, load_tokenizer
 from clara_jax.interop.gguf import resolve_model_path
 from clara_jax.interop.hf import load_decoder
-from clara_jax.model.clara import COMPRESSOR, GENERATOR, QUERY_REASONER, ROLES, ClaraConfig
+from clara_jax.model.clara import COMPRESSOR, QUERY_REASONER, ROLES, ClaraConfig
 from clara_jax.model.decoder import Decoder
 from clara_jax.model.lora import LoRAConfig
 from clara_jax.model.presets import preset
+from clara_jax.model.stage_registry import get_stage
 from clara_jax.model.vocab import extend_vocabulary
 from clara_jax.parallel.rules import parse_rules
 from clara_jax.parallel.sharded_init import change_sharded, create_sharded
@@ -47,8 +48,6 @@ CHAINED_KEYS = (
     "lora.target_modules",
     "seed",
 )
-# What each stage keeps from its predecessor.
-INHERITED = {"stage2": (COMPRESSOR,), "stage3": (COMPRESSOR, GENERATOR)}
 
 
 @dataclasses.dataclass
@@ -58,10 +57,10 @@ class BuiltModel:
     clara: ClaraConfig
 
 
-def clara_config(config: ml_collections.ConfigDict, tok: ClaraTokenizer) -> ClaraConfig:
+def clara_config(config: ml_collections.ConfigDict, mem_token_ids: tuple[int, ...]) -> ClaraConfig:
     c = config.clara
     return ClaraConfig(
-        mem_token_ids=tok.mem_token_ids,
+        mem_token_ids=tuple(mem_token_ids),
         doc_max_length=c.doc_max_length,
         compression_rate=c.compression_rate,
         mse_weight=c.mse_weight,
@@ -119,27 +118,38 @@ def build_model(config: ml_collections.ConfigDict, mesh=None) -> BuiltModel:
             mesh,
             rules,
         )
+    model = change_sharded(
+        model,
+        lambda m: add_clara_parts(m, config, tok.vocab_size, tok.mem_token_ids, tok.base_vocab_size),
+        CLARA_ADDITIONS,
+        mesh,
+        rules,
+    )
+    return BuiltModel(tok, model, clara_config(config, tok.mem_token_ids))
+
+
+def lora_config(config: ml_collections.ConfigDict) -> LoRAConfig:
     targets = config.lora.target_modules
-    lora = LoRAConfig(
+    return LoRAConfig(
         rank=config.lora.rank,
         alpha=config.lora.alpha,
         dropout=config.lora.dropout,
         target_modules=targets if isinstance(targets, str) else tuple(targets),
     )
 
-    def add_clara_parts(model: Decoder) -> None:
-        extend_vocabulary(
-            model,
-            tok.vocab_size,
-            key=jax.random.key(config.seed),
-            trainable_token_ids=tok.mem_token_ids,
-            first_new=tok.base_vocab_size,
-        )
-        for i, role in enumerate(ROLES):
-            model.add_adapter(role, lora, rngs=nnx.Rngs(config.seed + 1 + i))
 
-    model = change_sharded(model, add_clara_parts, CLARA_ADDITIONS, mesh, rules)
-    return BuiltModel(tok, model, clara_config(config, tok))
+def add_clara_parts(model: Decoder, config, vocab_size: int, mem_token_ids, first_new: int) -> None:
+    """What CLaRa adds to a base decoder: the extended vocabulary (<MEM*> rows trainable) and the
+    three LoRA adapters. The one recipe of `build_model` and of `clara-jax compile`'s abstract model."""
+    extend_vocabulary(
+        model,
+        vocab_size,
+        key=jax.random.key(config.seed),
+        trainable_token_ids=tuple(mem_token_ids),
+        first_new=first_new,
+    )
+    for i, role in enumerate(ROLES):
+        model.add_adapter(role, lora_config(config), rngs=nnx.Rngs(config.seed + 1 + i))
 
 
 def _get(config, dotted: str):
@@ -167,7 +177,7 @@ def check_chain(config, previous: dict, source: str) -> None:
         same = same_model_path(mine, theirs) if key == "model.path" else mine == theirs
         if not same:
             problems.append(f"{key}: this run has {mine!r}, {source} was trained with {theirs!r}")
-    expected_prev = {"stage2": "stage1", "stage3": "stage2"}.get(config.stage)
+    expected_prev = get_stage(config.stage).starts_from
     if expected_prev and prev.stage != expected_prev:
         problems.append(f"stage: {config.stage} starts from {expected_prev}, but {source} is {prev.stage}")
     if problems:
@@ -193,13 +203,14 @@ def init_from_previous_stage(built: BuiltModel, config, workdir: str) -> dict:
     finally:
         ckpt.close()
 
-    inherit = INHERITED.get(config.stage, ())
+    stage = get_stage(config.stage)
+    inherit = stage.inherits
     params = state.params
     for role in inherit:
         nnx.update(built.model.adapters[role], params["adapters"][role])
     if "embed_rows" in params:
         built.model.embed_rows.set_value(params["embed_rows"][...])
-    if config.stage == "stage3":  # the query reasoner starts from the trained compressor
+    if stage.query_from_compressor:
         nnx.update(built.model.adapters[QUERY_REASONER], nnx.state(built.model.adapters[COMPRESSOR]))
     log.info(
         "initialised %s from %s step %d: %s%s",
@@ -207,7 +218,7 @@ def init_from_previous_stage(built: BuiltModel, config, workdir: str) -> dict:
         ckpt_dir,
         step,
         ", ".join(inherit),
-        " (+ query_reasoner <- compressor)" if config.stage == "stage3" else "",
+        " (+ query_reasoner <- compressor)" if stage.query_from_compressor else "",
     )
     return {"source": ckpt_dir, "step": step, "inherited": list(inherit)}
 

@@ -7,41 +7,68 @@ known names, and `validate` reports every problem at once, before anything heavy
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.util
 import os
-import sys
+import pkgutil
 
 import ml_collections
 
 from clara_jax.model.decoder import REMAT_POLICIES, DTypePolicy
 from clara_jax.model.presets import PRESETS
+from clara_jax.model.stage_registry import STAGE_NAMES, get_stage
 from clara_jax.model.topk import MASK_MODES
 from clara_jax.parallel.mesh import MeshConfig
 from clara_jax.parallel.rules import parse_rules
-from clara_jax.training.objectives import STAGES
 
 
 class ConfigError(ValueError):
     pass
 
 
+def _config_module(target: str):
+    """A config file ('configs/stage1_scp.py', any path) or a module of the installed `configs`
+    package ('stage1_scp'). Config files import `configs.common`, which the install provides."""
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        if not os.path.isfile(target):
+            raise ConfigError(
+                f"config file {target!r} does not exist (expected e.g. configs/stage1_scp.py:tiny "
+                "or, from the installed configs package, stage1_scp:tiny)"
+            )
+        module_spec = importlib.util.spec_from_file_location(f"_clara_config_{abs(hash(target))}", target)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module
+    known = sorted(
+        m.name
+        for m in pkgutil.iter_modules(importlib.import_module("configs").__path__)
+        if m.name != "common"
+    )
+    if target not in known:
+        raise ConfigError(f"config {target!r} is neither a file nor one of the installed configs {known}")
+    return importlib.import_module(f"configs.{target}")
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """'configs/stage1_scp.py:tiny,runlocal' -> get_config('tiny,runlocal')."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist (expected e.g. configs/stage1_scp.py:tiny)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if root not in sys.path:  # config files import `configs.common`
-        sys.path.insert(0, root)
-    module_spec = importlib.util.spec_from_file_location(f"_clara_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    """'configs/stage1_scp.py:tiny,runlocal' or 'stage1_scp:tiny,runlocal' -> get_config('tiny,runlocal')."""
+    target, _, arg = spec.partition(":")
+    module = _config_module(target)
     if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path}: no get_config(arg) function")
+        raise ConfigError(f"{target}: no get_config(arg) function")
     try:
         return module.get_config(arg or None)
     except ValueError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(f"{target}: {err}") from None
+
+
+def stage_config_spec(spec: str, stage: str) -> str:
+    """The same ARG in `stage`'s config, beside the given one ('configs/stage1_scp.py:x' ->
+    'configs/stage3_e2e.py:x'; 'stage1_scp:x' -> 'stage3_e2e:x')."""
+    target, sep, arg = spec.partition(":")
+    module = get_stage(stage).config_module
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        return os.path.join(os.path.dirname(target), module + ".py") + sep + arg
+    return module + sep + arg
 
 
 def _parse_value(text: str, current, key: str):
@@ -99,7 +126,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if not ok:
             problems.append(f"{field} = {_get(c, field)!r}: expected {expected}")
 
-    need(c.stage in STAGES, "stage", f"one of {STAGES}")
+    need(c.stage in STAGE_NAMES, "stage", f"one of {STAGE_NAMES}")
     need(c.model.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}")
     need(
         bool(c.model.path) or c.model.preset == "tiny",
@@ -133,7 +160,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.data.num_epochs >= 1, "data.num_epochs", ">= 1")
     need(c.data.eval_every >= 0, "data.eval_every", ">= 0 (0: no periodic dev evaluation)")
     need(c.data.eval_questions >= 1, "data.eval_questions", ">= 1")
-    if c.stage == "stage3":
+    if c.stage in STAGE_NAMES and get_stage(c.stage).retrieval:
         need(c.data.candidates >= k.top_k, "data.candidates", f">= clara.top_k = {k.top_k}")
         need(
             not c.data.eval_every or bool(c.data.eval),

@@ -45,7 +45,6 @@ passage among several in a few hundred steps.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
@@ -64,16 +63,13 @@ from clara_jax.data.synthetic import (
     render_passage,
 )
 from clara_jax.model.clara import GENERATOR, QUERY_REASONER
+from clara_jax.model.stage_registry import get_stage
 from clara_jax.parallel.mesh import MeshConfig, make_mesh
 from clara_jax.training.build import build_model
 from clara_jax.training.config import load_config
 from clara_jax.training.dev_retrieval import DevRetrieval
 from clara_jax.training.optimizer import OptimizerConfig
 from clara_jax.training.stages import StageSpec, build_stage_trainer, stage_spec
-
-CONFIGS = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,9 +151,8 @@ class Episodes:
 
 
 def _config(cfg: ControlledConfig, stage: str):
-    name = {"stage2": "stage2_instruct", "stage3": "stage3_e2e"}[stage]
     return load_config(
-        os.path.join(CONFIGS, f"{name}.py") + ":tiny",
+        get_stage(stage).config_module + ":tiny",
         [
             f"--config.seed={cfg.seed}",
             f"--config.clara.doc_max_length={cfg.doc_max_length}",

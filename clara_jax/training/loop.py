@@ -32,6 +32,7 @@ from clara_jax.data.pipeline import BatchIterator, LayoutConfig
 from clara_jax.data.sources import read_records, require_records
 from clara_jax.interop.gguf import resolve_model_path
 from clara_jax.model.flops import forward_flops, lora_train_flops, measured_matmul_flops
+from clara_jax.model.stage_registry import get_stage
 from clara_jax.parallel.distributed import barrier
 from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh, num_slices
 from clara_jax.parallel.rules import parse_rules
@@ -137,7 +138,7 @@ def step_flops(cfg, stage: str, batch: dict, rank: int) -> float:
     (stage 3) and the generator; none of the encoders computes logits."""
     micro, enc_rows, enc_len = batch["enc_ids"].shape
     _, gen_rows, gen_len = batch["gen_ids"].shape
-    if stage == "stage3":
+    if get_stage(stage).retrieval:  # candidates are compressed (forward only), the query trains
         _, q_rows, q_len = batch["query_ids"].shape
         encoders = forward_flops(cfg, enc_rows, enc_len, lora_rank=rank, logits=False)
         encoders += lora_train_flops(cfg, q_rows, q_len, lora_rank=rank, logits=False)
@@ -148,7 +149,7 @@ def step_flops(cfg, stage: str, batch: dict, rank: int) -> float:
 
 def dev_retrieval(config, built) -> DevRetrieval | None:
     """The stage-3 periodic dev evaluation, when `data.eval_every` > 0 and `data.eval` is set."""
-    if config.stage != "stage3" or not config.data.eval_every:
+    if not get_stage(config.stage).retrieval or not config.data.eval_every:
         return None
     if not config.data.eval:
         raise ValueError("data.eval_every > 0 needs data.eval (a file with pos_index) to evaluate on")
@@ -179,13 +180,15 @@ def run_training(
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     stage = config.stage
+    spec = get_stage(stage)
     # Data first: a bad file fails in a second, before a model is built or a directory written.
     records, report = read_records(
         config.data.train,
-        stage,
+        spec.record_kind,
         policy=config.data.policy,
-        min_docs=config.clara.top_k if stage == "stage3" else None,
-        docs_per_example=config.clara.docs_per_example if stage == "stage2" else None,
+        # a retrieval stage needs top-k candidates; the others compress a fixed number of docs
+        min_docs=config.clara.top_k if spec.retrieval else None,
+        docs_per_example=None if spec.retrieval else config.clara.docs_per_example,
     )
     log.info("%s", report.summary())
     global_size = config.batch.global_size

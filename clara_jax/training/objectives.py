@@ -23,10 +23,9 @@ from clara_jax.model.clara import (
     generator_logits,
     select_documents,
 )
+from clara_jax.model.stage_registry import get_stage
 from clara_jax.model.topk import cosine_scores, differentiable_topk
 from clara_jax.training.retrieval_diagnostics import retrieval_diagnostics
-
-STAGES = ("stage1", "stage2", "stage3")
 
 
 def token_cross_entropy(logits, targets, target_mask):
@@ -140,12 +139,10 @@ def stage_loss_fn(
     straight_through: bool = True,
 ):
     """The loss function `(model, batch, rng) -> (loss, metrics)` of a stage."""
-    if stage in ("stage1", "stage2"):
-        return lambda model, batch, rng: compression_loss(
-            model, batch, cfg, rng, docs_per_example=docs_per_example
-        )
-    if stage == "stage3":
+    if get_stage(stage).retrieval:
         return lambda model, batch, rng: retrieval_loss(
             model, batch, cfg, rng, gumbel=gumbel, straight_through=straight_through
         )
-    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    return lambda model, batch, rng: compression_loss(
+        model, batch, cfg, rng, docs_per_example=docs_per_example
+    )

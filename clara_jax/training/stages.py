@@ -1,18 +1,5 @@
-"""What each CLaRa stage trains, and how a stage's jitted, sharded step is put together.
-
-| stage  | trains                        | <MEM*> rows | loss                                  |
-|--------|-------------------------------|-------------|---------------------------------------|
-| stage1 | compressor + generator        | trained     | CE (QA / paraphrase) + λ·MSE, 1 doc   |
-| stage2 | compressor + generator        | trained     | CE + λ·MSE over k docs in given order |
-| stage3 | query reasoner + generator    | frozen      | CE through the straight-through top-k |
-
-Stage 3 freezes the <MEM*> rows (the official code lets the query reasoner's gradient move
-them, which silently changes what the "frozen" compressor produces): with them frozen, an
-index of compressed documents built before stage 3 stays exact, and the step may read cached
-candidate embeddings instead of re-compressing B×N documents. The official release also
-stops training the rows from stage 2 on, but only as a side effect of how PEFT reloads
-adapters; we keep training them in stage 2, where the compressor still learns.
-"""
+"""How a stage's jitted, sharded step is put together (what each stage trains, and why stage 3
+freezes the <MEM*> rows: model/stage_registry.py)."""
 
 from __future__ import annotations
 
@@ -21,8 +8,9 @@ from typing import Any
 
 import jax
 
-from clara_jax.model.clara import COMPRESSOR, GENERATOR, QUERY_REASONER, ClaraConfig
+from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.decoder import Decoder
+from clara_jax.model.stage_registry import get_stage
 from clara_jax.parallel.rules import DEFAULT_RULES, shard_state, state_shardings
 from clara_jax.training.objectives import stage_loss_fn
 from clara_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
@@ -45,19 +33,14 @@ class StageSpec:
 
 
 def stage_spec(stage: str, *, docs_per_example: int = 1, train_mem_rows: bool | None = None) -> StageSpec:
-    table = {
-        "stage1": ((COMPRESSOR, GENERATOR), True),
-        "stage2": ((COMPRESSOR, GENERATOR), True),
-        "stage3": ((QUERY_REASONER, GENERATOR), False),
-    }
-    if stage not in table:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(table)}")
-    adapters, rows = table[stage]
-    if train_mem_rows and stage == "stage3":
+    """The registry's stage, with the <MEM*> rows optionally frozen where they would train."""
+    s = get_stage(stage)
+    if train_mem_rows and not s.trains_mem_rows:
         raise ValueError(
-            "stage3 keeps the <MEM*> rows frozen: training them would change the frozen compressor"
+            f"{stage} keeps the <MEM*> rows frozen: training them would change the frozen compressor"
         )
-    return StageSpec(stage, adapters, rows if train_mem_rows is None else train_mem_rows, docs_per_example)
+    rows = s.trains_mem_rows if train_mem_rows is None else train_mem_rows
+    return StageSpec(stage, s.adapters, rows, docs_per_example)
 
 
 @dataclasses.dataclass
@@ -77,6 +60,59 @@ class StageTrainer:
         return nnx.merge(self.graphdef, self.state.params, self.frozen)
 
 
+@dataclasses.dataclass
+class StageProgram:
+    """A stage's jitted step and everything its shapes and shardings depend on. Built the same way
+    from a concrete model (`clara-jax train`) and from an abstract one (`clara-jax compile`)."""
+
+    step: Any  # jitted (state, frozen, batch) -> (state, metrics)
+    graphdef: Any
+    trainable: Any  # the parameters the stage trains (arrays, or ShapeDtypeStructs)
+    frozen: Any
+    abstract_state: TrainState  # ShapeDtypeStructs
+    tx: Any
+    schedule: Any
+    shardings: StepShardings
+
+
+def stage_program(
+    model: Decoder,
+    spec: StageSpec,
+    clara: ClaraConfig,
+    optim: OptimizerConfig,
+    mesh,
+    example_batch,
+    *,
+    rules=DEFAULT_RULES,
+    seed: int = 0,
+    gumbel: bool = False,
+    straight_through: bool = True,
+) -> StageProgram:
+    """Split `model` (concrete or `nnx.eval_shape`d) for `spec`, resolve every sharding from `rules`
+    (the batch rows too, by the "batch" rule) and jit the step; nothing is placed or run.
+
+    `example_batch` only provides shapes ([micro_steps, batch, ...] per leaf).
+    """
+    graphdef, trainable, frozen = split_trainable(model, spec.adapters, spec.train_mem_rows)
+    tx = make_optimizer(optim)
+    schedule = learning_rate_schedule(optim)
+    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.key(seed)), trainable)
+    shardings = StepShardings(
+        state=state_shardings(abstract_state, mesh, rules),
+        frozen=state_shardings(frozen, mesh, rules),
+        batch=micro_batch_shardings(example_batch, mesh, rules),
+    )
+    loss_fn = stage_loss_fn(
+        spec.name,
+        clara,
+        docs_per_example=spec.docs_per_example,
+        gumbel=gumbel,
+        straight_through=straight_through,
+    )
+    step = compile_train_step(make_train_step(graphdef, loss_fn, tx, schedule), shardings, mesh)
+    return StageProgram(step, graphdef, trainable, frozen, abstract_state, tx, schedule, shardings)
+
+
 def build_stage_trainer(
     model: Decoder,
     spec: StageSpec,
@@ -87,34 +123,27 @@ def build_stage_trainer(
     *,
     rules=DEFAULT_RULES,
     seed: int = 0,
-    batch_axes=("data", "fsdp"),
     gumbel: bool = False,
     straight_through: bool = True,
 ) -> StageTrainer:
-    """Split the model for `spec`, place state and frozen weights on `mesh`, jit the step.
-
-    `example_batch` only provides shapes ([micro_steps, batch, ...] per leaf).
-    """
-    graphdef, trainable, frozen = split_trainable(model, spec.adapters, spec.train_mem_rows)
-    # The state is donated to every step: give it buffers of its own, so neither the caller's model
-    # nor a frozen leaf that shares an array with a trainable one (a copied adapter) is invalidated.
-    trainable = jax.tree.map(lambda x: x.copy(), trainable)
-    tx = make_optimizer(optim)
-    schedule = learning_rate_schedule(optim)
-    state = TrainState.create(trainable, tx, jax.random.key(seed))
-    shardings = StepShardings(
-        state=state_shardings(state, mesh, rules),
-        frozen=state_shardings(frozen, mesh, rules),
-        batch=micro_batch_shardings(example_batch, mesh, batch_axes),
-    )
-    state = shard_state(state, shardings.state)
-    frozen = shard_state(frozen, shardings.frozen)
-    loss_fn = stage_loss_fn(
-        spec.name,
+    """The stage's program (`stage_program`), with its state created and placed on `mesh`."""
+    program = stage_program(
+        model,
+        spec,
         clara,
-        docs_per_example=spec.docs_per_example,
+        optim,
+        mesh,
+        example_batch,
+        rules=rules,
+        seed=seed,
         gumbel=gumbel,
         straight_through=straight_through,
     )
-    step = compile_train_step(make_train_step(graphdef, loss_fn, tx, schedule), shardings, mesh)
-    return StageTrainer(step, state, frozen, graphdef, shardings, schedule)
+    # The state is donated to every step: give it buffers of its own, so neither the caller's model
+    # nor a frozen leaf that shares an array with a trainable one (a copied adapter) is invalidated.
+    trainable = jax.tree.map(lambda x: x.copy(), program.trainable)
+    state = shard_state(
+        TrainState.create(trainable, program.tx, jax.random.key(seed)), program.shardings.state
+    )
+    frozen = shard_state(program.frozen, program.shardings.frozen)
+    return StageTrainer(program.step, state, frozen, program.graphdef, program.shardings, program.schedule)

@@ -19,6 +19,8 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from clara_jax.parallel.rules import DEFAULT_RULES, logical_to_spec
+
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
@@ -96,19 +98,13 @@ class StepShardings:
     batch: Any
 
 
-def micro_batch_shardings(batch, mesh, batch_axes) -> Any:
-    """Leaves are [micro_steps, batch, ...]: shard the batch dim, never the micro-step dim."""
-    axes = tuple(a for a in batch_axes if a in mesh.shape and mesh.shape[a] > 1) or None
+def micro_batch_shardings(batch, mesh, rules=DEFAULT_RULES) -> Any:
+    """Leaves are [micro_steps, batch, ...]: the batch dim goes where the "batch" rule says (rows
+    that do not divide stay whole), never the micro-step dim."""
 
     def one(x):
-        spec = [None] * len(x.shape)
-        if len(x.shape) > 1 and axes is not None:
-            size = 1
-            for a in axes:
-                size *= mesh.shape[a]
-            if x.shape[1] % size == 0:
-                spec[1] = axes
-        return NamedSharding(mesh, PartitionSpec(*spec))
+        axes = (None, "batch") + (None,) * (len(x.shape) - 2) if len(x.shape) > 1 else (None,) * len(x.shape)
+        return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape))
 
     return jax.tree.map(one, batch)
 
@@ -122,14 +118,3 @@ def compile_train_step(step_fn, shardings: StepShardings, mesh):
         out_shardings=(shardings.state, metrics_sharding),
         donate_argnums=(0,),
     )
-
-
-def memory_report(jitted, *args) -> str:
-    """Lower and compile ahead of time; the per-device memory XLA plans for the step."""
-    compiled = jitted.lower(*args).compile()
-    mem = compiled.memory_analysis()
-    if mem is None:
-        return "memory analysis unavailable on this backend"
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
-    parts = [f"{f.replace('_size_in_bytes', '')}={getattr(mem, f, 0) / 2**20:.1f} MiB" for f in fields]
-    return "per-device memory: " + ", ".join(parts)

@@ -27,11 +27,3 @@ def trainable_filter(adapters: Iterable[str], embed_rows: bool = True):
 def split_trainable(model: Decoder, adapters: Iterable[str], embed_rows: bool = True):
     """(graphdef, trainable_state, frozen_state): differentiate only the middle one."""
     return nnx.split(model, trainable_filter(adapters, embed_rows), ...)
-
-
-def trainable_mask(model: Decoder, adapters: Iterable[str], embed_rows: bool = True):
-    """A bool pytree over `nnx.state(model)` for `optax.masked` and friends."""
-    flt = nnx.filterlib.to_predicate(trainable_filter(adapters, embed_rows))
-    state = nnx.state(model)
-    flat = nnx.to_flat_state(state)
-    return nnx.from_flat_state([(path, flt(path, var)) for path, var in flat])

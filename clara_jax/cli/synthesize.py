@@ -1,9 +1,12 @@
-"""`clara-jax synthesize`: SCP training data from raw passages, with a local model or an endpoint."""
+"""`clara-jax synthesize`: SCP training data from raw passages, with a local model or an endpoint
+(clara_jax.synthesis)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from clara_jax.cli.common import EXIT_DIVERGED, EXIT_OK, configure_logging, error
 
 DEFAULT_MODEL = "smollm2"
 
@@ -55,7 +58,7 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
-def _synthesize(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import logging
 
     from clara_jax.synthesis.backends import BackendError, describe
@@ -63,11 +66,7 @@ def _synthesize(args: argparse.Namespace) -> int:
     from clara_jax.synthesis.report import format_report
     from clara_jax.synthesis.store import StoreError
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    for noisy in ("absl", "jax", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
     backend = None
     try:
         config = config_from_args(args)
@@ -95,21 +94,19 @@ def _synthesize(args: argparse.Namespace) -> int:
             trace=args.trace,
         )
     except (ValueError, FileNotFoundError, StoreError, BackendError) as err:
-        print(f"clara-jax synthesize: error: {err}", file=sys.stderr)
-        return 2
+        return error("synthesize", err)
     except SynthesisAborted as err:
         print(f"clara-jax synthesize: {err}", file=sys.stderr)
-        return 3
+        return EXIT_DIVERGED
     finally:
         if backend is not None:
             backend.close()
     print(format_report(report))
     print(f"report: {args.out}/report.json")
-    return 0
+    return EXIT_OK
 
 
-def add_synthesize_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `clara-jax synthesize` on the CLI's sub-parsers."""
+def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "synthesize",
         help="synthesise stage-1 (SCP) QA and paraphrase records from raw passages with an LLM (resumable)",
@@ -199,5 +196,5 @@ def add_synthesize_parser(subparsers) -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in log files)")
-    p.set_defaults(func=_synthesize)
+    p.set_defaults(func=run)
     return p

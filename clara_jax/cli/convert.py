@@ -1,9 +1,11 @@
-"""`clara-jax convert`: move trained CLaRa models between clara-jax, PEFT and the official format."""
+"""`clara-jax convert`: move trained CLaRa models between clara-jax, PEFT and the official format
+(clara_jax.interop.peft, clara_jax.interop.official)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+
+from clara_jax.cli.common import EXIT_OK, error
 
 DESCRIPTION = """\
 Convert CLaRa models between formats. Exactly one direction per call.
@@ -43,7 +45,7 @@ examples:
 """
 
 
-def _convert(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         if args.to_peft:
             from clara_jax.interop.peft import export_peft
@@ -52,8 +54,7 @@ def _convert(args: argparse.Namespace) -> int:
                 print(f"{role:>15}: {path}")
         else:
             if not args.base:
-                print("clara-jax convert: error: --from-official needs --base BASE_DIR", file=sys.stderr)
-                return 2
+                return error("convert", "--from-official needs --base BASE_DIR")
             from clara_jax.interop.official import convert_official
 
             out = convert_official(
@@ -68,14 +69,12 @@ def _convert(args: argparse.Namespace) -> int:
                 report=print,
             )
             print(f"wrote clara-jax model directory {out}")
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"clara-jax convert: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        return error("convert", exc)
+    return EXIT_OK
 
 
-def add_convert_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `clara-jax convert` on the CLI's sub-parsers."""
+def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "convert",
         help="convert models: clara-jax -> PEFT adapters, official CLaRa checkpoint -> clara-jax",
@@ -114,5 +113,5 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="--from-official: write the base weights into OUT/base instead of referencing BASE_DIR",
     )
-    parser.set_defaults(func=_convert)
+    parser.set_defaults(func=run)
     return parser

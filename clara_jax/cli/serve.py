@@ -1,4 +1,5 @@
-"""`clara-jax serve`: load the models, then run the app under uvicorn until SIGINT/SIGTERM.
+"""`clara-jax serve`: load the models, then run the app (clara_jax.serving.app) under uvicorn until
+SIGINT/SIGTERM.
 
 Before anything is loaded, the command refuses (exit 2) to bind a non-loopback address without
 a key (--api-key-env NAME: the key is read from that environment variable, never from the command
@@ -6,7 +7,7 @@ line, and never printed) unless --insecure-no-auth says so.
 
 Shutdown is graceful: uvicorn stops accepting connections and lets in-flight requests finish
 (up to --graceful-timeout seconds); requests still queued after that get 503, and the process
-exits 0.
+exits 0. A port that cannot be bound exits 1.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import argparse
 import ipaddress
 import os
 import signal
-import sys
+
+from clara_jax.cli.common import EXIT_FAILED, EXIT_OK, configure_logging, error
 
 KEEP_ALIVE_SECONDS = 5  # an idle keep-alive connection is closed after this
 
@@ -42,8 +44,7 @@ def allowed_hosts(bind_host: str, extra: list[str] | None) -> list[str]:
 
 
 def _error(message: str) -> int:
-    print(f"clara-jax serve: error: {message}", file=sys.stderr)
-    return 2
+    return error("serve", message)
 
 
 def _access(args: argparse.Namespace) -> tuple[str | None, list[str]] | int:
@@ -85,9 +86,7 @@ def _make_server(config, app):
     return Server(config)
 
 
-def _serve_cmd(args: argparse.Namespace) -> int:
-    import logging
-
+def run(args: argparse.Namespace) -> int:
     if args.model is None and args.clara_model is None:
         return _error("give --model, or --clara-model with --index, or both")
     if (args.clara_model is None) != (args.index is None):
@@ -108,9 +107,7 @@ def _serve_cmd(args: argparse.Namespace) -> int:
         return access
     api_key, hosts = access
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
     try:
         import uvicorn
 
@@ -118,11 +115,7 @@ def _serve_cmd(args: argparse.Namespace) -> int:
         from clara_jax.serving.app import create_app
         from clara_jax.serving.clara_backend import ClaraBackend
     except ImportError as exc:
-        print(
-            f"clara-jax serve: error: {exc}; install the extra: pip install 'clara_jax[serve]'",
-            file=sys.stderr,
-        )
-        return 2
+        return _error(f"{exc}; install the extra: pip install 'clara_jax[serve]'")
     try:
         chat = clara = None
         if args.model is not None:
@@ -170,13 +163,12 @@ def _serve_cmd(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: None)
     server.run()
     if not server.started:
-        return 1  # e.g. the port was taken; uvicorn logged why
+        return EXIT_FAILED  # e.g. the port was taken; uvicorn logged why
     print("clara-jax serve: stopped", flush=True)
-    return 0
+    return EXIT_OK
 
 
-def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `clara-jax serve` on the CLI's sub-parsers."""
+def add_parser(subparsers) -> argparse.ArgumentParser:
     from clara_jax.serving import LOOPBACK_HOSTS
 
     parser = subparsers.add_parser(
@@ -271,5 +263,5 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish on shutdown (default 30)",
     )
     parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
-    parser.set_defaults(func=_serve_cmd)
+    parser.set_defaults(func=run)
     return parser

@@ -1,0 +1,87 @@
+"""The three CLaRa stages, each described once: every other module reads its stage facts here.
+
+| stage  | trains                     | <MEM*> rows | starts from | records   | loss                                |
+|--------|----------------------------|-------------|-------------|-----------|-------------------------------------|
+| stage1 | compressor + generator     | trained     | (the base)  | SCP QA/paraphrase | CE + λ·MSE, 1 doc per example |
+| stage2 | compressor + generator     | trained     | stage1      | instruct  | CE + λ·MSE over k docs, given order |
+| stage3 | query reasoner + generator | frozen      | stage2      | retrieval | CE through the straight-through top-k |
+
+Stage 3 freezes the <MEM*> rows (the official code lets the query reasoner's gradient move them,
+which silently changes what the "frozen" compressor produces): with them frozen, an index of
+compressed documents built before stage 3 stays exact, and the step may read cached candidate
+embeddings instead of re-compressing B×N documents. The official release also stops training the
+rows from stage 2 on, but only as a side effect of how PEFT reloads adapters; we keep training them
+in stage 2, where the compressor still learns.
+
+This sits in the model layer because it names adapter roles; the data layer reads `retrieval` and
+`record_kind`, the training layer everything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from clara_jax.model.clara import COMPRESSOR, GENERATOR, QUERY_REASONER
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    adapters: tuple[str, ...]  # the adapters this stage trains
+    trains_mem_rows: bool
+    starts_from: str | None  # the stage whose checkpoint `init_from` must name
+    inherits: tuple[str, ...]  # adapters copied from that checkpoint (the <MEM*> rows always are)
+    query_from_compressor: bool  # the query reasoner starts as a copy of the trained compressor
+    retrieval: bool  # examples carry candidates: the step scores them and takes a top-k
+    record_kind: str  # the JSONL record layout (data/records.py)
+    config_module: str  # configs/<module>.py
+    loss: str  # for logs and --help
+
+
+STAGE_LIST = (
+    Stage(
+        "stage1",
+        adapters=(COMPRESSOR, GENERATOR),
+        trains_mem_rows=True,
+        starts_from=None,
+        inherits=(),
+        query_from_compressor=False,
+        retrieval=False,
+        record_kind="stage1",
+        config_module="stage1_scp",
+        loss="CE (QA / paraphrase) + λ·MSE, one document per example",
+    ),
+    Stage(
+        "stage2",
+        adapters=(COMPRESSOR, GENERATOR),
+        trains_mem_rows=True,
+        starts_from="stage1",
+        inherits=(COMPRESSOR,),
+        query_from_compressor=False,
+        retrieval=False,
+        record_kind="stage2",
+        config_module="stage2_instruct",
+        loss="CE + λ·MSE over k documents in their given order",
+    ),
+    Stage(
+        "stage3",
+        adapters=(QUERY_REASONER, GENERATOR),
+        trains_mem_rows=False,
+        starts_from="stage2",
+        inherits=(COMPRESSOR, GENERATOR),
+        query_from_compressor=True,
+        retrieval=True,
+        record_kind="stage3",
+        config_module="stage3_e2e",
+        loss="CE through the straight-through top-k over cosine scores",
+    ),
+)
+STAGES = {s.name: s for s in STAGE_LIST}
+STAGE_NAMES = tuple(STAGES)
+
+
+def get_stage(name: str) -> Stage:
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r}; expected one of {list(STAGE_NAMES)}") from None
