@@ -19,9 +19,10 @@ import time
 from flax import nnx
 
 from clara_jax.data.sources import read_records
-from clara_jax.data.synthetic import SyntheticCorpusConfig, chance_recall, read_jsonl, write_corpus
+from clara_jax.data.synthetic import SyntheticCorpusConfig, chance_recall, write_corpus
 from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
 from clara_jax.data.tokenizer import load_tokenizer
+from clara_jax.file_io import read_json_lines
 from clara_jax.inference.clara_model import ClaraInference
 from clara_jax.inference.evaluate import evaluate_retrieval_qa
 from clara_jax.inference.model_dir import load_clara_model
@@ -120,13 +121,13 @@ def run_demo(
     )
     eval_records, _ = read_records(str(files["eval_with_pos"]), "eval")
     eval_records = eval_records[:n_eval]
-    raw_eval = read_jsonl(files["eval_with_pos"])[:n_eval]
+    raw_eval = read_json_lines(files["eval_with_pos"])[:n_eval]
 
     base_dir = os.path.join(workdir, "base")
     if not base_ready(base_dir):
         log(f"[demo] pretraining a tiny base LLM on the training passages -> {base_dir}")
         tok = load_tokenizer(TINY_TOKENIZER_DIR)
-        texts = corpus_texts(read_jsonl(files["stage1_train"]))
+        texts = corpus_texts(read_json_lines(files["stage1_train"]))
         pretrain_base(
             DEMO_BASE.replace(vocab_size=tok.base_vocab_size),
             tok,

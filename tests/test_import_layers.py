@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "clara_jax"
 
 LAYERS = [
-    {"atomic_files", "safe_paths", "cache_dir"},  # on-disk helpers
+    {"file_io", "safe_paths"},  # file helpers
     {"model"},
     {"parallel"},
     {"data"},

@@ -18,8 +18,8 @@ import time
 import numpy as np
 import pytest
 
-from clara_jax import atomic_files
-from clara_jax.atomic_files import live_dir, remove_temps, replace_dir, staging_dir, write_bytes_atomic
+from clara_jax import file_io
+from clara_jax.file_io import live_dir, remove_temps, replace_dir, staging_dir, write_bytes_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = ("weights.bin", "meta.json", "sub/more.bin")
@@ -70,7 +70,7 @@ def _crash_at(monkeypatch, call: int, fn_name: str) -> None:
             raise _Crash
         return real(*args, **kw)
 
-    target_module = atomic_files.os if fn_name == "rename" else atomic_files.shutil
+    target_module = file_io.os if fn_name == "rename" else file_io.shutil
     monkeypatch.setattr(target_module, fn_name, crashing)
 
 

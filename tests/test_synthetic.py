@@ -16,9 +16,9 @@ from clara_jax.data.synthetic import (
     build_corpus,
     chance_hit_rate,
     chance_recall,
-    read_jsonl,
     write_corpus,
 )
+from clara_jax.file_io import read_json_lines
 
 CFG = SyntheticCorpusConfig()
 N, K = CFG.n_candidates, CFG.docs_per_example
@@ -31,7 +31,7 @@ MENTOR_RE = re.compile(r"^(\w+)'s mentor is (\w+)\.$")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("syn")
     paths = write_corpus(out, CFG)
-    return paths, {key: read_jsonl(paths[key]) for key in FILE_NAMES}
+    return paths, {key: read_json_lines(paths[key]) for key in FILE_NAMES}
 
 
 @pytest.fixture(scope="module")

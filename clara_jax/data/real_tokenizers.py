@@ -11,7 +11,6 @@ what the generator is trained on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clara_jax.data.chat_templates import MISTRAL_CHAT_TEMPLATE
+from clara_jax.file_io import cache_root, sha256_file
 
 # Bump when the conversion or a template changes, so stale cache directories are rebuilt.
 BUILD_VERSION = 1
@@ -112,13 +112,7 @@ def qwen_ranks_file() -> Path:
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    from clara_jax.cache_dir import cache_root
-
     return Path(cache_dir) if cache_dir is not None else cache_root() / "tokenizers"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _build_once(target: Path, stamp: dict, write: Callable[[Path], None]) -> str:
@@ -249,7 +243,7 @@ def mistral_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> str:
     `$CLARA_JAX_CACHE/tokenizers` or `~/.cache/clara_jax/tokenizers`.
     """
     src = mistral_model_file()
-    stamp = {"build": BUILD_VERSION, "source": MISTRAL_MODEL_FILE, "sha256": _sha256(src)}
+    stamp = {"build": BUILD_VERSION, "source": MISTRAL_MODEL_FILE, "sha256": sha256_file(src)}
     target = _cache_root(cache_dir) / "mistral-v1"
     return _build_once(target, stamp, lambda out: _write_mistral(out, src))
 
@@ -257,6 +251,6 @@ def mistral_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> str:
 def qwen_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> str:
     """A Qwen2.5-Instruct tokenizer directory (built on first use) for `load_tokenizer`."""
     src = qwen_ranks_file()
-    stamp = {"build": BUILD_VERSION, "source": QWEN_RANKS_FILE, "sha256": _sha256(src)}
+    stamp = {"build": BUILD_VERSION, "source": QWEN_RANKS_FILE, "sha256": sha256_file(src)}
     target = _cache_root(cache_dir) / "qwen2.5"
     return _build_once(target, stamp, lambda out: _write_qwen(out, src))

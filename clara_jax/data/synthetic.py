@@ -51,7 +51,6 @@ a set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -60,6 +59,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from clara_jax.file_io import sha256_file
 
 # Each kind: closed value set, passage fact, question (with subject `{s}`, which is "Tavo" or
 # "Tavo's mentor"), and the paraphrase sentence. One phrasing each, on purpose: the tiny model
@@ -569,15 +570,6 @@ def _dump_jsonl(path: Path, records: Sequence[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=True) + "\n")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_corpus(out_dir: str | os.PathLike, cfg: SyntheticCorpusConfig | None = None) -> dict[str, Path]:
     """Write every file plus `manifest.json` into `out_dir`; returns {FILE_NAMES key | "manifest": path}."""
     cfg = cfg or SyntheticCorpusConfig()
@@ -606,7 +598,7 @@ def write_corpus(out_dir: str | os.PathLike, cfg: SyntheticCorpusConfig | None =
                 "path": FILE_NAMES[key],
                 "records": len(corpus.files[key]),
                 "bytes": p.stat().st_size,
-                "sha256": _sha256(p),
+                "sha256": sha256_file(p),
             }
             for key, p in paths.items()
         },

@@ -14,7 +14,6 @@ is split over them (data parallel, weights replicated).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -193,15 +192,11 @@ class ChatModel:
 
 def _gguf_dir(gguf_path: Path) -> str:
     """A .gguf converted once into the clara_jax cache (keyed by its sha256, built atomically)."""
-    from clara_jax.cache_dir import cache_root
+    from clara_jax.file_io import cache_root, sha256_file
     from clara_jax.interop.gguf import convert_gguf
 
-    digest = hashlib.sha256()
-    with open(gguf_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
     root = cache_root()
-    target = root / f"gguf-{gguf_path.stem}-{digest.hexdigest()[:16]}"
+    target = root / f"gguf-{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return str(target)
     root.mkdir(parents=True, exist_ok=True)

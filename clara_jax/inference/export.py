@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clara_jax.atomic_files import remove_temps, write_bytes_atomic, write_json_atomic
+from clara_jax.file_io import remove_temps, sha256_file, write_bytes_atomic, write_json_atomic
 
 FORMAT = "clara-jax-embeddings"
 FORMAT_VERSION = 1
@@ -68,14 +68,6 @@ def shard_name(i: int) -> str:
 def _marker(out_dir: str, i: int) -> str:
     """The progress record written after shard i is complete."""
     return os.path.join(out_dir, "progress", f"shard-{i:05d}.json")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_fingerprint(model_dir: str | os.PathLike) -> str:

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clara_jax.atomic_files import live_dir, replace_dir, staging_dir, write_json_atomic
 from clara_jax.data.tokenizer import load_tokenizer
+from clara_jax.file_io import live_dir, replace_dir, staging_dir, write_json_atomic
 from clara_jax.interop.hf import load_decoder, save_decoder
 from clara_jax.interop.safetensors_io import SafetensorsFile, weights_digest
 from clara_jax.model.clara import ClaraConfig

@@ -9,7 +9,6 @@ files, so `load_decoder` / `load_tokenizer` need no GGUF knowledge at all.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clara_jax.cache_dir import cache_root
+from clara_jax.file_io import cache_root, sha256_file
 from clara_jax.interop.hf import hf_config_dict
 from clara_jax.model.config import DecoderConfig
 
@@ -168,14 +167,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> De
     return cfg
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _stamp(directory: Path) -> str | None:
     try:
         return (directory / STAMP_FILE).read_text().strip()
@@ -193,7 +184,7 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> str:
     gguf_path = smollm2_gguf_path()
     root = cache_root(cache_dir)
     target = root / "smollm2-135m-instruct-q4_1"
-    digest = _sha256(gguf_path)
+    digest = sha256_file(gguf_path)
     if _stamp(target) == digest:
         return str(target)
 

@@ -19,13 +19,26 @@ from clara_jax.parallel.rules import DEFAULT_RULES, Rules, state_shardings
 M = TypeVar("M", bound=nnx.Module)
 
 
+def _in_their_shards(state, mesh, rules: Rules):
+    """Inside a jitted initialiser: pin each new Variable to the layout `rules` give it. The
+    shapes are known while tracing, so one trace yields both the program and its output layout
+    (no `eval_shape` pass first to learn the shapes for `out_shardings`)."""
+    return jax.lax.with_sharding_constraint(state, state_shardings(state, mesh, rules))
+
+
 def create_sharded(make: Callable[[], M], mesh=None, rules: Rules = DEFAULT_RULES) -> M:
     """`make()`, with every Variable created in the layout `rules` give it on `mesh`."""
     if mesh is None:
         return make()
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    state = jax.jit(lambda: nnx.state(make()), out_shardings=state_shardings(abstract, mesh, rules))()
-    return nnx.merge(graphdef, state)
+    structure = []
+
+    def init():
+        graphdef, state = nnx.split(make())
+        structure.append(graphdef)  # static: read once the trace is done
+        return _in_their_shards(state, mesh, rules)
+
+    state = jax.jit(init)()
+    return nnx.merge(structure[0], state)
 
 
 def change_sharded(
@@ -41,13 +54,13 @@ def change_sharded(
         change(model)
         return model
     graphdef, state = nnx.split(model)
+    structure = []
 
-    def changed(state) -> M:
+    def changed(state):
         module = nnx.merge(graphdef, state)
         change(module)
-        return module
+        structure.append(nnx.graphdef(module))
+        return _in_their_shards(nnx.state(module, written), mesh, rules)
 
-    abstract = nnx.eval_shape(changed, state)
-    out_shardings = state_shardings(nnx.state(abstract, written), mesh, rules)
-    new = jax.jit(lambda s: nnx.state(changed(s), written), out_shardings=out_shardings)(state)
-    return nnx.merge(nnx.graphdef(abstract), new, nnx.state(model, nnx.Not(written)))
+    new = jax.jit(changed)(state)
+    return nnx.merge(structure[0], new, nnx.state(model, nnx.Not(written)))

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from clara_jax import atomic_files
+from clara_jax import file_io
 
 
 class StoreError(RuntimeError):
@@ -102,7 +102,7 @@ class ShardStore:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
-    atomic_files.write_json_atomic(path, obj, ensure_ascii=False)
+    file_io.write_json_atomic(path, obj, ensure_ascii=False)
 
 
 def check_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:

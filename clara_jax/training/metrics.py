@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from clara_jax.atomic_files import write_bytes_atomic
+from clara_jax.file_io import write_bytes_atomic
 
 # Stage-3 numbers that explain the recall curve (clara_jax/training/retrieval_diagnostics.py).
 RETRIEVAL_DIAGNOSTICS = ("score_std", "topk_gap", "topk_entropy", "gold_outside_topk")

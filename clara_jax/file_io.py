@@ -1,4 +1,5 @@
-"""Writes a crash cannot tear: a file, or a whole directory, is there complete or not at all.
+"""The package's shared file helpers: the cache root, sha256 of a file, plain JSON-lines reading,
+and writes a crash cannot tear (a file, or a whole directory, is there complete or not at all).
 
 A file is written beside its target under a hidden temporary name, fsynced, renamed over the
 target, and then its directory is fsynced so that the rename itself survives a power cut.
@@ -18,9 +19,36 @@ instant a reader finds exactly the old copy or the new one, never a mix.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where converted models and tokenizers are cached: `cache_dir`, else $CLARA_JAX_CACHE, else
+    ~/.cache/clara_jax."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("CLARA_JAX_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "clara_jax"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks (a multi-GB GGUF never sits in memory whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_json_lines(path: str | os.PathLike) -> list[dict]:
+    """Every non-blank line of a JSONL file we wrote ourselves, parsed. Files from users go
+    through `clara_jax.data.sources`, which checks every record and says where a bad one is."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
