@@ -152,13 +152,6 @@ def add_clara_parts(model: Decoder, config, vocab_size: int, mem_token_ids, firs
         model.add_adapter(role, lora_config(config), rngs=nnx.Rngs(config.seed + 1 + i))
 
 
-def _get(config, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 def same_model_path(a: str, b: str) -> bool:
     """One base checkpoint named two ways ("runs/base" vs "/abs/runs/base", "smollm2" vs its cache)."""
     if a == b:
@@ -173,7 +166,7 @@ def check_chain(config, previous: dict, source: str) -> None:
     prev = ml_collections.ConfigDict(previous)
     problems = []
     for key in CHAINED_KEYS:
-        mine, theirs = _get(config, key), _get(prev, key)
+        mine, theirs = config[key], prev[key]  # ConfigDict reads dotted keys
         same = same_model_path(mine, theirs) if key == "model.path" else mine == theirs
         if not same:
             problems.append(f"{key}: this run has {mine!r}, {source} was trained with {theirs!r}")

@@ -124,7 +124,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     def need(ok: bool, field: str, expected: str):
         if not ok:
-            problems.append(f"{field} = {_get(c, field)!r}: expected {expected}")
+            problems.append(f"{field} = {c[field]!r}: expected {expected}")
 
     need(c.stage in STAGE_NAMES, "stage", f"one of {STAGE_NAMES}")
     need(c.model.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}")
@@ -193,13 +193,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.log_every >= 1, "log_every", ">= 1")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-
-
-def _get(c, dotted):
-    node = c
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
