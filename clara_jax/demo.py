@@ -34,6 +34,8 @@ from clara_jax.training.loop import run_training
 from clara_jax.training.pretrain_base import base_ready, corpus_texts, pretrain_base
 
 # The demo's base LLM: small enough for a laptop CPU, big enough to learn the corpus's language.
+# Stage-3 optimizer steps at scale 1 (batch 32).
+STAGE3_STEPS = 50
 DEMO_BASE = tiny_config(
     hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32
 )
@@ -88,7 +90,7 @@ def stage_overrides(data_dir: str, base_dir: str, scale: float, seed: int = 0) -
             "--config.batch.micro_size=8",
             "--config.optim.lr=2e-4",
             "--config.clara.top_k=5",
-            steps(50),
+            steps(STAGE3_STEPS),
         ],
     }
 
