@@ -26,10 +26,15 @@ class ConfigError(ValueError):
     pass
 
 
+def _is_file_spec(target: str) -> bool:
+    """'configs/stage1_scp.py' names a file; 'stage1_scp' a module of the installed package."""
+    return target.endswith(".py") or os.sep in target or "/" in target
+
+
 def _config_module(target: str):
     """A config file ('configs/stage1_scp.py', any path) or a module of the installed `configs`
     package ('stage1_scp'). Config files import `configs.common`, which the install provides."""
-    if target.endswith(".py") or os.sep in target or "/" in target:
+    if _is_file_spec(target):
         if not os.path.isfile(target):
             raise ConfigError(
                 f"config file {target!r} does not exist (expected e.g. configs/stage1_scp.py:tiny "
@@ -66,7 +71,7 @@ def stage_config_spec(spec: str, stage: str) -> str:
     'configs/stage3_e2e.py:x'; 'stage1_scp:x' -> 'stage3_e2e:x')."""
     target, sep, arg = spec.partition(":")
     module = get_stage(stage).config_module
-    if target.endswith(".py") or os.sep in target or "/" in target:
+    if _is_file_spec(target):
         return os.path.join(os.path.dirname(target), module + ".py") + sep + arg
     return module + sep + arg
 
