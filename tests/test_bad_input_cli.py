@@ -187,6 +187,18 @@ def test_train_refuses_an_unusable_file_as_a_whole(tmp_path, capsys, monkeypatch
     assert code == 2 and "Traceback" not in err and "unknown extension '.csv'" in err
 
 
+def test_train_refuses_more_steps_than_the_data_gives(tmp_path, capsys):
+    # 20 records at global batch 8: 2 steps per epoch (the partial batch is dropped), 2 epochs = 4 steps
+    data = tmp_path / "twenty.jsonl"
+    data.write_text("".join(json.dumps(stage1_record(i)) + "\n" for i in range(20)))
+    argv = train_argv(tmp_path, data, "error") + ["--config.total_steps=5", "--config.data.num_epochs=2"]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert "total_steps=5" in err and "2 steps per epoch" in err and "= 4 steps" in err, err[-2000:]
+    assert "--config.data.num_epochs=3" in err and "--config.total_steps=4" in err, err[-2000:]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_the_real_entry_point_exits_2_without_a_traceback(tmp_path):
     """One case through `python -m clara_jax.cli`, as a user runs it: nothing but the message."""
     path, line = write_case(tmp_path, "200k_nesting", stage1_record, n_good=1)

@@ -38,6 +38,7 @@ from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh, num_slices
 from clara_jax.parallel.rules import parse_rules
 from clara_jax.training.build import build_model, init_from_previous_stage, optimizer_config
 from clara_jax.training.checkpoint import Checkpointer, abstract_like
+from clara_jax.training.config import ConfigError
 from clara_jax.training.dev_retrieval import DevRetrieval
 from clara_jax.training.metrics import MetricsWriter, plot_history
 from clara_jax.training.stages import build_stage_trainer, stage_spec
@@ -169,6 +170,21 @@ def _finite(metrics: dict) -> bool:
     return all(math.isfinite(float(v)) for v in metrics.values())
 
 
+def _check_steps_fit_data(config: ml_collections.ConfigDict, n_records: int) -> None:
+    """Refuse a `total_steps` the data cannot feed: the run would stop early, its schedule sized for
+    steps that never run (BatchIterator drops the last partial batch of every epoch)."""
+    per_epoch = n_records // config.batch.global_size
+    available = per_epoch * config.data.num_epochs
+    if config.total_steps and config.total_steps > available:
+        needed = -(-config.total_steps // per_epoch)
+        raise ConfigError(
+            f"total_steps={config.total_steps}, but {config.data.train} gives {per_epoch} steps per epoch "
+            f"({n_records} records / global batch {config.batch.global_size}) x data.num_epochs="
+            f"{config.data.num_epochs} = {available} steps; set --config.data.num_epochs={needed} "
+            f"or --config.total_steps={available}"
+        )
+
+
 def run_training(
     config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, dcn_mesh: str = ""
 ) -> RunSummary:
@@ -193,6 +209,7 @@ def run_training(
     log.info("%s", report.summary())
     global_size = config.batch.global_size
     require_records(records, report, at_least=global_size, purpose=f"one global batch of {global_size}")
+    _check_steps_fit_data(config, len(records))
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(_mesh_config(config, dcn_mesh))
     log.info(
