@@ -147,7 +147,7 @@ def index_benchmark(n_docs: int, n_queries: int = 1024, k: int = 10) -> None:
     from clara_jax.data.tokenizer import load_tokenizer
     from clara_jax.inference.export import export_corpus
     from clara_jax.inference.index import EmbeddingIndex
-    from clara_jax.inference.model_dir import save_clara_model
+    from clara_jax.interop.model_dir import save_clara_model
 
     tok = load_tokenizer(TINY_TOKENIZER_DIR, n_mem=4)
     model = Decoder(tiny_config(vocab_size=tok.base_vocab_size), rngs=nnx.Rngs(0))

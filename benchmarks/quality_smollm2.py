@@ -184,7 +184,7 @@ def evaluate_rate(args, model_dir, questions, golds, owners, passages, sets, gol
 
     from clara_jax.inference.clara_model import ClaraInference
     from clara_jax.inference.metrics import qa_scores, retrieval_scores
-    from clara_jax.inference.model_dir import load_clara_model
+    from clara_jax.interop.model_dir import load_clara_model
     from clara_jax.model.clara import COMPRESSOR, QUERY_REASONER
 
     tok, model, clara_cfg = load_clara_model(model_dir)

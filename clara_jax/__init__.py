@@ -17,7 +17,7 @@ import importlib
 _EXPORTS = {
     "ClaraInference": "clara_jax.inference.clara_model",
     "load_inference": "clara_jax.inference.clara_model",
-    "load_clara_model": "clara_jax.inference.model_dir",
+    "load_clara_model": "clara_jax.interop.model_dir",
     "load_decoder": "clara_jax.interop.hf",
     "save_decoder": "clara_jax.interop.hf",
     "load_tokenizer": "clara_jax.data.tokenizer",

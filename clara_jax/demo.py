@@ -25,7 +25,7 @@ from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.file_io import read_json_lines
 from clara_jax.inference.clara_model import ClaraInference
 from clara_jax.inference.evaluate import evaluate_retrieval_qa
-from clara_jax.inference.model_dir import load_clara_model
+from clara_jax.interop.model_dir import load_clara_model
 from clara_jax.model.config import tiny_config
 from clara_jax.model.stage_registry import STAGE_NAMES, get_stage
 from clara_jax.training.build import build_model

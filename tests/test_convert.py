@@ -22,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 from clara_jax.cli.convert import add_parser as add_convert_parser  # noqa: E402
 from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR  # noqa: E402
 from clara_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from clara_jax.inference.model_dir import load_clara_model, save_clara_model  # noqa: E402
 from clara_jax.interop import official  # noqa: E402
+from clara_jax.interop.model_dir import load_clara_model, save_clara_model  # noqa: E402
 from clara_jax.interop.official import convert_official  # noqa: E402
 from clara_jax.interop.peft import load_peft_adapter, save_peft_adapter  # noqa: E402
 from clara_jax.model.clara import (  # noqa: E402  # noqa: E402

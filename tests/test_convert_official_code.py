@@ -25,7 +25,7 @@ from clara_jax.data.layouts import encoder_batch  # noqa: E402
 from clara_jax.data.prompts import standard_prompt  # noqa: E402
 from clara_jax.inference.clara_model import ClaraInference  # noqa: E402
 from clara_jax.inference.generation import SamplingConfig, generate  # noqa: E402
-from clara_jax.inference.model_dir import load_clara_model  # noqa: E402
+from clara_jax.interop.model_dir import load_clara_model  # noqa: E402
 from clara_jax.interop.official import convert_official  # noqa: E402
 from clara_jax.model.clara import GENERATOR, generator_logits, splice  # noqa: E402
 

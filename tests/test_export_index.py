@@ -22,7 +22,7 @@ from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.inference.clara_model import ClaraInference
 from clara_jax.inference.export import export_corpus, model_fingerprint, read_shard
 from clara_jax.inference.index import EmbeddingIndex, search_questions
-from clara_jax.inference.model_dir import load_clara_model, save_clara_model
+from clara_jax.interop.model_dir import load_clara_model, save_clara_model
 from clara_jax.model.clara import ROLES, ClaraConfig
 from clara_jax.model.config import tiny_config
 from clara_jax.model.decoder import Decoder

@@ -13,8 +13,8 @@ from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
 from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.inference.clara_model import ClaraInference
 from clara_jax.inference.generation import SamplingConfig, generate
-from clara_jax.inference.model_dir import load_clara_model, save_clara_model
 from clara_jax.interop.hf import load_decoder, save_decoder
+from clara_jax.interop.model_dir import load_clara_model, save_clara_model
 from clara_jax.model.clara import ROLES, ClaraConfig, splice
 from clara_jax.model.config import tiny_config
 from clara_jax.model.decoder import Decoder

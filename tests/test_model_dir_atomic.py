@@ -126,7 +126,7 @@ _SAVER = textwrap.dedent(
     from flax import nnx
     from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
     from clara_jax.data.tokenizer import load_tokenizer
-    from clara_jax.inference.model_dir import save_clara_model
+    from clara_jax.interop.model_dir import save_clara_model
     from clara_jax.model.clara import ROLES, ClaraConfig
     from clara_jax.model.config import tiny_config
     from clara_jax.model.decoder import Decoder
@@ -158,7 +158,7 @@ _SAVER = textwrap.dedent(
 
 def _loaded_version(model_dir: str) -> int:
     """The single version the saved model holds, read through `load_clara_model`."""
-    from clara_jax.inference.model_dir import load_clara_model
+    from clara_jax.interop.model_dir import load_clara_model
 
     _, model, _ = load_clara_model(model_dir)
     parts = {"base embedding row 0": np.asarray(model.embed[...][0])}

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from clara_jax.inference.clara_model import ClaraInference
     from clara_jax.inference.export import model_fingerprint
     from clara_jax.inference.index import EmbeddingIndex, search_questions
-    from clara_jax.inference.model_dir import load_clara_model
+    from clara_jax.interop.model_dir import load_clara_model
 
     try:
         questions = args.question or read_questions(args.questions)

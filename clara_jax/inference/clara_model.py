@@ -23,7 +23,7 @@ from clara_jax.data.prompts import paraphrase_prompt, standard_prompt
 from clara_jax.data.tokenizer import ClaraTokenizer
 from clara_jax.inference.data_parallel import replicate_over_local_devices
 from clara_jax.inference.generation import SamplingConfig, generate
-from clara_jax.inference.model_dir import load_clara_model, model_dir_path, read_model_meta
+from clara_jax.interop.model_dir import load_clara_model, model_dir_path, read_model_meta
 from clara_jax.model.clara import ClaraConfig, compress, encode_query, splice
 from clara_jax.model.decoder import Decoder
 from clara_jax.model.topk import cosine_scores

@@ -73,7 +73,7 @@ def _marker(out_dir: str, i: int) -> str:
 def model_fingerprint(model_dir: str | os.PathLike) -> str:
     """sha256 over the model directory's trained files and its base weights' digest: equal
     fingerprints = comparable vectors."""
-    from clara_jax.inference.model_dir import base_weights, model_dir_path, read_model_meta
+    from clara_jax.interop.model_dir import base_weights, model_dir_path, read_model_meta
 
     model_dir = model_dir_path(model_dir)
     h = hashlib.sha256()
@@ -192,7 +192,7 @@ def shard_ids(path: str | os.PathLike) -> list[str]:
 
 
 def _plan(model_dir: str, corpus_path: str, ids: list[str], corpus_sha: str, dtype: str, shard_size: int):
-    from clara_jax.inference.model_dir import model_dir_path, read_model_meta
+    from clara_jax.interop.model_dir import model_dir_path, read_model_meta
 
     c = read_model_meta(model_dir_path(model_dir))["clara"]
     n_shards = -(-len(ids) // shard_size)
@@ -323,7 +323,7 @@ def export_corpus(
         from tqdm import tqdm
 
         from clara_jax.inference.clara_model import ClaraInference
-        from clara_jax.inference.model_dir import load_clara_model
+        from clara_jax.interop.model_dir import load_clara_model
 
         tok, model, clara = load_clara_model(model_dir)
         inference = ClaraInference(tok, model, clara, batch_size=batch_size)

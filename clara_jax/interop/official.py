@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clara_jax.data.tokenizer import TOKENIZER_FILE, clara_special_tokens, load_tokenizer
-from clara_jax.inference.model_dir import save_clara_model
 from clara_jax.interop.hf import load_decoder
+from clara_jax.interop.model_dir import save_clara_model
 from clara_jax.interop.official_config import generation_top_k, lora_rank, read_official_config
 from clara_jax.interop.peft import parse_lora_key, set_adapter_from_tensors
 from clara_jax.model.clara import COMPRESSOR, GENERATOR, QUERY_REASONER, ClaraConfig

@@ -203,8 +203,8 @@ def export_peft(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dic
     The base carries the trained <MEM*> rows and the extended vocabulary, so PEFT applied on it
     reproduces our model; returns {role or "base": path}.
     """
-    from clara_jax.inference.model_dir import load_clara_model
     from clara_jax.interop.hf import save_decoder
+    from clara_jax.interop.model_dir import load_clara_model
 
     out_dir = os.path.abspath(str(out_dir))
     tok, model, _ = load_clara_model(str(model_dir))
