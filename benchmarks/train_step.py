@@ -6,7 +6,7 @@
 
 What it measures (numbers depend on the machine; this is not a test):
   1. step time of stage1 / stage2 / stage3 (candidates re-compressed, N from --stage3-n) through
-     `build_stage_trainer(...).step`, on a 1-device mesh and on a (data=2, fsdp=2, tensor=2) mesh;
+     `stage_program(...).start().step`, on a 1-device mesh and on a (data=2, fsdp=2, tensor=2) mesh;
      examples/s (questions per second) and tokens/s (every padded token that enters the decoder:
      compressor + query reasoner + generator rows).
   2. stage-3 step time for several N with cached candidate embeddings (`cand_memory`) against
@@ -60,7 +60,7 @@ from clara_jax.model.lora import LoRAConfig  # noqa: E402
 from clara_jax.model.vocab import extend_vocabulary  # noqa: E402
 from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh  # noqa: E402
 from clara_jax.training.optimizer import OptimizerConfig  # noqa: E402
-from clara_jax.training.stages import build_stage_trainer, stage_spec  # noqa: E402
+from clara_jax.training.stages import stage_program, stage_spec  # noqa: E402
 
 BOS, EOS = 1, 2
 EXTRA_TOKENS = 3  # <AE>, <ENC>, <SEP> after the n_mem <MEM*> tokens
@@ -341,14 +341,14 @@ class Run:
         }
         spec = stage_spec(stage, docs_per_example=k if stage != "stage3" else 1)
         batch = step_batch(b, stage, k=k, n=n, cached=cached)
-        trainer = build_stage_trainer(
+        trainer = stage_program(
             build_model(b),
             spec,
             b.clara_config(k),
             OptimizerConfig(learning_rate=1e-4, total_steps=1000),
             mesh,
             batch,
-        )
+        ).start()
         self.step, self.frozen = trainer.step, trainer.frozen
         self.batch = jax.device_put(batch, trainer.shardings.batch)
         self.state = trainer.state

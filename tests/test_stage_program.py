@@ -74,3 +74,31 @@ def test_a_batch_rule_override_moves_the_batch_rows():
     model, clara = abstract_model(config)
     program = _program(config, model, clara, mesh)
     assert {s.spec[1] for s in jax.tree.leaves(program.shardings.batch)} == {"fsdp"}
+
+
+def _lowered(config, mesh):
+    model, clara = abstract_model(config)
+    program = _program(config, model, clara, mesh)
+    with jax.set_mesh(mesh):
+        return program.step.lower(
+            program.abstract_state, _shapes(program.frozen), abstract_batch(config, clara.n_mem)
+        ).as_text()
+
+
+def test_the_activation_rules_reach_the_compiled_step():
+    """The decoder's activation marks become sharding constraints in the step, resolved from the
+    rules: an override of an activation rule changes the program; outside a step they do nothing."""
+    from clara_jax.model.activation_sharding import shard_as
+
+    x = jax.numpy.ones((2, 3))
+    assert shard_as(x, ("batch", "act_embed")) is x  # no mapping active: untouched
+
+    args = SMALL + ["--config.mesh=data=2,fsdp=2,tensor=2"]
+    mesh = make_mesh(MeshConfig.from_spec(load_config("stage1_scp:tiny,runlocal", args).mesh))
+    default = _lowered(load_config("stage1_scp:tiny,runlocal", args), mesh)
+    moved = _lowered(
+        load_config("stage1_scp:tiny,runlocal", args + ["--config.sharding_rules=act_embed=tensor"]), mesh
+    )
+    constraint = "sharding_constraint" if "sdy.sharding_constraint" in default else "@Sharding"
+    assert default.count(constraint) >= 6  # embeddings, heads, attention out, residual, MLP, logits
+    assert moved != default

@@ -7,7 +7,7 @@ import pytest
 
 from clara_jax.parallel.mesh import MeshConfig, make_mesh
 from clara_jax.training.optimizer import OptimizerConfig
-from clara_jax.training.stages import build_stage_trainer, stage_spec
+from clara_jax.training.stages import stage_program, stage_spec
 from tests import clara_fixtures as fx
 
 
@@ -25,14 +25,14 @@ def _run(stage, mesh, steps=2):
     model = fx.tiny_clara(dropout=0.1)
     # Adam divides by sqrt(v): near-zero gradient entries turn float reassociation noise into
     # parameter differences of order lr, so the learning rate sets how close two runs can be.
-    trainer = build_stage_trainer(
+    trainer = stage_program(
         model,
         stage_spec(stage),
         fx.clara_config(),
         OptimizerConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0),
         mesh,
         _micro_batches(stage, 0),
-    )
+    ).start()
     state, losses = trainer.state, []
     for i in range(steps):
         state, metrics = trainer.step(state, trainer.frozen, _micro_batches(stage, 10 * i))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clara_jax.model.activation_sharding import shard_as
 from clara_jax.model.config import DecoderConfig
 from clara_jax.model.lora import (
     ALL_LINEAR,
@@ -145,6 +146,7 @@ def layer_stack(
         q = _project(attn_in, p, "q_proj", lw, lora_spec, key, cfg.qkv_bias).reshape(
             b, s, cfg.num_heads, cfg.head_dim
         )
+        q = shard_as(q, ("batch", "seq", "act_heads", None))
         k = _project(attn_in, p, "k_proj", lw, lora_spec, key, cfg.qkv_bias).reshape(
             b, s, cfg.num_kv_heads, cfg.head_dim
         )
@@ -163,13 +165,15 @@ def layer_stack(
         else:
             k_all, v_all = k, v
         in_window = (window == 0) | (k_slots[None, :] > q_slots[:, None] - window)
-        attn = attention(q, k_all, v_all, allowed & in_window[None])
+        attn = shard_as(attention(q, k_all, v_all, allowed & in_window[None]), ("batch", "seq", "act_heads"))
         h = h + _project(attn, p, "o_proj", lw, lora_spec, key, cfg.o_bias)
+        h = shard_as(h, ("batch", "seq", "act_embed"))
         mlp_in = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
         gate = _project(mlp_in, p, "gate_proj", lw, lora_spec, key, cfg.mlp_bias)
         up = _project(mlp_in, p, "up_proj", lw, lora_spec, key, cfg.mlp_bias)
-        h = h + _project(jax.nn.silu(gate) * up, p, "down_proj", lw, lora_spec, key, cfg.mlp_bias)
-        return h, (kc, vc)
+        inner = shard_as(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+        h = h + _project(inner, p, "down_proj", lw, lora_spec, key, cfg.mlp_bias)
+        return shard_as(h, ("batch", "seq", "act_embed")), (kc, vc)
 
     policy = REMAT_POLICIES[remat]
     if remat != "none":
@@ -313,6 +317,7 @@ class Decoder(nnx.Module):
             if inputs_embeds is None
             else inputs_embeds.astype(self.policy.compute)
         )
+        x = shard_as(x, ("batch", "seq", "act_embed"))
         b, s = x.shape[:2]
         mask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
         offsets = jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
@@ -370,7 +375,7 @@ class Decoder(nnx.Module):
             out = out.at[..., jnp.asarray(self.trainable_token_ids)].set(
                 jnp.einsum("...d,vd->...v", hidden, rows, preferred_element_type=jnp.float32)
             )
-        return out
+        return shard_as(out, ("batch", "seq", "act_vocab")) if out.ndim == 3 else out
 
     def __call__(
         self,

@@ -31,14 +31,17 @@ Rules = Sequence[tuple[str, MeshAxes]]
 # - "layers" (the scan axis) is never sharded: each scan step would need a whole layer.
 # - Norm scales and LoRA ranks are tiny; splitting them costs more than it saves. LoRA factors
 #   still inherit the embed/heads/mlp sharding of the projection they adapt.
-# - Activations: the batch is split over data *and* fsdp (FSDP is data parallelism with
-#   sharded weights); sequence and hidden dims stay whole (no context parallelism yet).
+# - Activations (marked in the decoder, applied by `activation_constraint` in the train step):
+#   the batch is split over data *and* fsdp (FSDP is data parallelism with sharded weights);
+#   the residual stream's hidden dim and the sequence stay whole (no context parallelism yet);
+#   heads, the MLP's inner dim and the vocabulary follow their tensor-parallel weights.
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     # activations
     ("batch", ("data", "fsdp")),
     ("seq", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     # weights
     ("vocab", "tensor"),
@@ -172,3 +175,14 @@ def shard_state(state, shardings):
     placed = jax.device_put(values, targets)
     out = [x.replace(v) if _is_variable(x) else v for x, v in zip(leaves, placed)]
     return jax.tree.unflatten(treedef, out)
+
+
+def activation_constraint(mesh, rules: Rules = DEFAULT_RULES):
+    """`constrain(x, logical_axes)` for `model.activation_sharding`: a sharding constraint from the
+    rules (an indivisible dimension stays replicated, as for weights)."""
+
+    def constrain(x, axes):
+        spec = logical_to_spec(axes, rules, mesh, x.shape)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return constrain

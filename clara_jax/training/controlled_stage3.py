@@ -16,7 +16,7 @@ left to learn and the only way to lower the loss:
    a random-init base collapsed every passage onto nearly one direction, pairwise cosine 0.9999,
    which leaves cosine retrieval nothing to work with). The base is a random init with its output
    layer scaled up, as in tests/test_clara_core.py: random logits are too flat to learn from fast.
-3. Stage 3 (`build_stage_trainer`, the stage-3 loss and step of `clara-jax train`) from a query
+3. Stage 3 (`stage_program`, the stage-3 loss and step of `clara-jax train`) from a query
    reasoner that retrieves at chance: a LoRA whose B is drawn N(0, query_init_scale²) instead of
    zeros (with B = 0 it would equal the compressor, which already ranks by shared name tokens).
    CE only. The generator is frozen by default (`train_generator=False`): co-trained while the
@@ -69,7 +69,7 @@ from clara_jax.training.build import build_model
 from clara_jax.training.config import load_config
 from clara_jax.training.dev_retrieval import DevRetrieval
 from clara_jax.training.optimizer import OptimizerConfig
-from clara_jax.training.stages import StageSpec, build_stage_trainer, stage_spec
+from clara_jax.training.stages import StageSpec, stage_program, stage_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +210,7 @@ def train_reader(cfg: ControlledConfig, episodes: Episodes, mesh, log=print):
     optim = OptimizerConfig(learning_rate=cfg.reader_lr, total_steps=cfg.reader_steps, warmup_ratio=0.05)
     # the compressor is the base itself: only the generator (the reader) trains
     spec = StageSpec("stage2", (GENERATOR,), train_mem_rows=False, docs_per_example=cfg.top_k)
-    trainer = build_stage_trainer(built.model, spec, built.clara, optim, mesh, batch(), seed=cfg.seed)
+    trainer = stage_program(built.model, spec, built.clara, optim, mesh, batch(), seed=cfg.seed).start()
     state = trainer.state
     for step in range(1, cfg.reader_steps + 1):
         state, metrics = trainer.step(state, trainer.frozen, _put(batch(), trainer.shardings.batch))
@@ -275,7 +275,7 @@ def run_stage3(cfg, episodes, dev_records, built, reader, mesh, *, straight_thro
     spec = stage_spec("stage3")
     if not cfg.train_generator:  # the reader stays as it is: only the query reasoner can lower the loss
         spec = dataclasses.replace(spec, adapters=(QUERY_REASONER,))
-    trainer = build_stage_trainer(
+    trainer = stage_program(
         reader,
         spec,
         built.clara,
@@ -284,7 +284,7 @@ def run_stage3(cfg, episodes, dev_records, built, reader, mesh, *, straight_thro
         first,
         seed=cfg.seed,
         straight_through=straight_through,
-    )
+    ).start()
     state, rows, window = trainer.state, [], []
     name = "straight-through" if straight_through else "control"
     steps = cfg.stage3_steps if straight_through or cfg.control_steps is None else cfg.control_steps

@@ -8,10 +8,11 @@ from typing import Any
 
 import jax
 
+from clara_jax.model.activation_sharding import activation_sharding
 from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.decoder import Decoder
 from clara_jax.model.stage_registry import get_stage
-from clara_jax.parallel.rules import DEFAULT_RULES, shard_state, state_shardings
+from clara_jax.parallel.rules import DEFAULT_RULES, activation_constraint, shard_state, state_shardings
 from clara_jax.training.objectives import stage_loss_fn
 from clara_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from clara_jax.training.step import (
@@ -73,6 +74,20 @@ class StageProgram:
     tx: Any
     schedule: Any
     shardings: StepShardings
+    seed: int  # of the state's PRNG key
+
+    def start(self) -> StageTrainer:
+        """The trainer: the program with its state created and placed on its shardings (a concrete
+        model only)."""
+        # The state is donated to every step: give it buffers of its own, so neither the caller's
+        # model nor a frozen leaf that shares an array with a trainable one (a copied adapter) is
+        # invalidated.
+        trainable = jax.tree.map(lambda x: x.copy(), self.trainable)
+        state = shard_state(
+            TrainState.create(trainable, self.tx, jax.random.key(self.seed)), self.shardings.state
+        )
+        frozen = shard_state(self.frozen, self.shardings.frozen)
+        return StageTrainer(self.step, state, frozen, self.graphdef, self.shardings, self.schedule)
 
 
 def stage_program(
@@ -102,48 +117,18 @@ def stage_program(
         frozen=state_shardings(frozen, mesh, rules),
         batch=micro_batch_shardings(example_batch, mesh, rules),
     )
-    loss_fn = stage_loss_fn(
+    stage_loss = stage_loss_fn(
         spec.name,
         clara,
         docs_per_example=spec.docs_per_example,
         gumbel=gumbel,
         straight_through=straight_through,
     )
+    constrain = activation_constraint(mesh, rules)
+
+    def loss_fn(model, batch, rng):  # traced with the decoder's activation marks applied
+        with activation_sharding(constrain):
+            return stage_loss(model, batch, rng)
+
     step = compile_train_step(make_train_step(graphdef, loss_fn, tx, schedule), shardings, mesh)
-    return StageProgram(step, graphdef, trainable, frozen, abstract_state, tx, schedule, shardings)
-
-
-def build_stage_trainer(
-    model: Decoder,
-    spec: StageSpec,
-    clara: ClaraConfig,
-    optim: OptimizerConfig,
-    mesh,
-    example_batch,
-    *,
-    rules=DEFAULT_RULES,
-    seed: int = 0,
-    gumbel: bool = False,
-    straight_through: bool = True,
-) -> StageTrainer:
-    """The stage's program (`stage_program`), with its state created and placed on `mesh`."""
-    program = stage_program(
-        model,
-        spec,
-        clara,
-        optim,
-        mesh,
-        example_batch,
-        rules=rules,
-        seed=seed,
-        gumbel=gumbel,
-        straight_through=straight_through,
-    )
-    # The state is donated to every step: give it buffers of its own, so neither the caller's model
-    # nor a frozen leaf that shares an array with a trainable one (a copied adapter) is invalidated.
-    trainable = jax.tree.map(lambda x: x.copy(), program.trainable)
-    state = shard_state(
-        TrainState.create(trainable, program.tx, jax.random.key(seed)), program.shardings.state
-    )
-    frozen = shard_state(program.frozen, program.shardings.frozen)
-    return StageTrainer(program.step, state, frozen, program.graphdef, program.shardings, program.schedule)
+    return StageProgram(step, graphdef, trainable, frozen, abstract_state, tx, schedule, shardings, seed)
