@@ -72,6 +72,9 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.data.bucket = 32  # pad lengths up to multiples of this (and powers of two of it)
     c.data.num_epochs = 1
     c.data.candidates = 20  # stage 3: candidates per question
+    # stage 3: compress each distinct candidate once before step 0 (its compressor is frozen) and
+    # feed the steps those vectors; False re-compresses the B×N candidates in every step
+    c.data.cache_candidates = True
     c.data.eval_every = 0  # stage 3: dev Recall@k with the query reasoner every N steps (0: off)
     c.data.eval_questions = 64  # stage 3: how many questions of data.eval (with pos_index) that uses
 

@@ -102,8 +102,14 @@ def tokenize_compression(tok: ClaraTokenizer, records: Sequence, cfg: LayoutConf
     return arrays, stats
 
 
-def tokenize_retrieval(tok: ClaraTokenizer, records: Sequence, cfg: LayoutConfig, rng=None):
-    """Stage 3 arrays: short queries, N candidates per question (padded, masked), k slots."""
+def tokenize_retrieval(
+    tok: ClaraTokenizer, records: Sequence, cfg: LayoutConfig, rng=None, candidate_memory=None
+):
+    """Stage 3 arrays: short queries, N candidates per question (padded, masked), k slots.
+
+    `candidate_memory(texts) -> (memory [n, n_mem, D], truncated [n])` replaces the candidates'
+    encoder rows with their precomputed memory vectors (`cand_memory` [B, N, n_mem, D]).
+    """
     n = cfg.candidates
     docs, valid, positives = [], np.zeros((len(records), n), bool), np.zeros((len(records), n), bool)
     for i, r in enumerate(records):
@@ -113,19 +119,18 @@ def tokenize_retrieval(tok: ClaraTokenizer, records: Sequence, cfg: LayoutConfig
         for p in r.pos_index:
             if p < n:
                 positives[i, p] = True
-    enc = encoder_rows(tok, docs, cfg.doc_max_length, cfg.bucket)
     queries = encoder_rows(tok, [r.question for r in records], cfg.query_max_length, cfg.bucket)
     prompts = [standard_prompt(tok, r.question, cfg.top_k, r.answer) for r in records]
     arrays, gen_truncated = _generator(tok, prompts, cfg, cfg.top_k)
-    arrays.update(
-        enc_ids=enc.ids,
-        enc_mask=enc.mask,
-        query_ids=queries.ids,
-        query_mask=queries.mask,
-        cand_valid=valid,
-        positives=positives,
-    )
-    stats = TokenStats(len(records), len(docs), int(enc.truncated[valid.reshape(-1)].sum()), gen_truncated)
+    arrays.update(query_ids=queries.ids, query_mask=queries.mask, cand_valid=valid, positives=positives)
+    if candidate_memory is None:
+        enc = encoder_rows(tok, docs, cfg.doc_max_length, cfg.bucket)
+        arrays.update(enc_ids=enc.ids, enc_mask=enc.mask)
+        truncated = enc.truncated
+    else:
+        memory, truncated = candidate_memory(docs)
+        arrays["cand_memory"] = memory.reshape(len(records), n, *memory.shape[1:])
+    stats = TokenStats(len(records), len(docs), int(truncated[valid.reshape(-1)].sum()), gen_truncated)
     return arrays, stats
 
 
@@ -153,7 +158,9 @@ class BatchIterator:
         micro_size: int,
         seed: int,
         num_epochs: int = 1,
+        candidate_memory=None,
     ):
+        """`candidate_memory`: see `tokenize_retrieval` (stage 3 with a frozen compressor)."""
         if len(records) < global_size:
             raise ValueError(f"{len(records)} records cannot fill one global batch of {global_size}")
         self.records, self.tok, self.stage, self.layout = records, tok, stage, layout
@@ -163,6 +170,7 @@ class BatchIterator:
             seed,
             num_epochs,
         )
+        self.candidate_memory = candidate_memory
         self.epoch, self.index = 0, 0
         self.stats = TokenStats()
 
@@ -197,7 +205,9 @@ class BatchIterator:
         batch_records = [self.records[int(i)] for i in order]
         rng = np.random.default_rng([self.seed, self.epoch, self.index, 1])  # paraphrase template choice
         if get_stage(self.stage).retrieval:
-            arrays, stats = tokenize_retrieval(self.tok, batch_records, self.layout, rng)
+            arrays, stats = tokenize_retrieval(
+                self.tok, batch_records, self.layout, rng, candidate_memory=self.candidate_memory
+            )
             per = {"enc_ids": self.layout.candidates, "enc_mask": self.layout.candidates}
         else:
             arrays, stats = tokenize_compression(self.tok, batch_records, self.layout, rng)

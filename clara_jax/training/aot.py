@@ -228,11 +228,14 @@ def abstract_model(config):
 def abstract_batch(config, n_mem: int, gen_length: int = 0, query_length: int = 0) -> dict:
     """The longest batch the data pipeline can produce for this config, as ShapeDtypeStructs
     laid out [micro_steps, micro_size·(docs), length] (data/pipeline.py). Encoder rows are
-    <ENC> <s> doc </s> + n_mem memory tokens; the generator row is at most generator_max_length."""
+    <ENC> <s> doc </s> + n_mem memory tokens; the generator row is at most generator_max_length;
+    stage 3 with cached candidates reads cand_memory [micro_steps, micro_size, N, n_mem, D]."""
     import jax
     import jax.numpy as jnp
 
+    from clara_jax.model.presets import preset
     from clara_jax.model.stage_registry import get_stage
+    from clara_jax.training.candidate_cache import reads_cached_candidates
 
     c, b = config.clara, config.batch
     steps, micro = b.global_size // b.micro_size, b.micro_size
@@ -250,6 +253,12 @@ def abstract_batch(config, n_mem: int, gen_length: int = 0, query_length: int = 
         "targets": ids(micro, gen_len),
         "target_mask": flags(micro, gen_len),
     }
+    if retrieval and reads_cached_candidates(config):  # the candidates come compressed (loop.py)
+        hidden = preset(config.model.preset).hidden_size
+        del batch["enc_ids"], batch["enc_mask"]
+        batch["cand_memory"] = jax.ShapeDtypeStruct(
+            (steps, micro, docs, n_mem, hidden), jnp.dtype(config.model.dtype)
+        )
     if retrieval:
         q_len = (query_length or c.query_max_length + 3) + n_mem
         batch.update(
@@ -302,7 +311,7 @@ def compile_stage(
     model, clara = abstract_model(config)
     spec = stage_spec(config.stage, docs_per_example=config.clara.docs_per_example)
     batch = abstract_batch(config, clara.n_mem, gen_length, query_length)
-    # the program `clara-jax train` runs (training/loop.py builds it with build_stage_trainer)
+    # the program `clara-jax train` runs (training/loop.py starts it with stage_program(...).start())
     program = stage_program(
         model,
         spec,

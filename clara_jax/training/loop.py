@@ -37,11 +37,12 @@ from clara_jax.parallel.distributed import barrier
 from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh, num_slices
 from clara_jax.parallel.rules import parse_rules
 from clara_jax.training.build import build_model, init_from_previous_stage, optimizer_config
+from clara_jax.training.candidate_cache import CandidateCache, reads_cached_candidates
 from clara_jax.training.checkpoint import Checkpointer, abstract_like
 from clara_jax.training.config import ConfigError
 from clara_jax.training.dev_retrieval import DevRetrieval
 from clara_jax.training.metrics import MetricsWriter, plot_history
-from clara_jax.training.stages import build_stage_trainer, stage_spec
+from clara_jax.training.stages import stage_program, stage_spec
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +134,23 @@ def layout_config(config) -> LayoutConfig:
     )
 
 
+# Every row that enters the decoder in a step: generator, compressor (unless cached), query reasoner.
+TOKEN_MASKS = ("gen_mask", "enc_mask", "query_mask")
+
+
 def step_flops(cfg, stage: str, batch: dict, rank: int) -> float:
     """Analytic FLOPs of one optimizer step (what the model computes, padding included):
-    the compressor (trained in stages 1/2, forward only in stage 3), the query reasoner
-    (stage 3) and the generator; none of the encoders computes logits."""
-    micro, enc_rows, enc_len = batch["enc_ids"].shape
-    _, gen_rows, gen_len = batch["gen_ids"].shape
+    the compressor (trained in stages 1/2, forward only in stage 3 unless the candidates come
+    from the cache), the query reasoner (stage 3) and the generator; no encoder computes logits."""
+    micro, gen_rows, gen_len = batch["gen_ids"].shape
     if get_stage(stage).retrieval:  # candidates are compressed (forward only), the query trains
         _, q_rows, q_len = batch["query_ids"].shape
-        encoders = forward_flops(cfg, enc_rows, enc_len, lora_rank=rank, logits=False)
-        encoders += lora_train_flops(cfg, q_rows, q_len, lora_rank=rank, logits=False)
+        encoders = lora_train_flops(cfg, q_rows, q_len, lora_rank=rank, logits=False)
+        if "enc_ids" in batch:  # re-compressed in the step (no candidate cache)
+            _, enc_rows, enc_len = batch["enc_ids"].shape
+            encoders += forward_flops(cfg, enc_rows, enc_len, lora_rank=rank, logits=False)
     else:
+        _, enc_rows, enc_len = batch["enc_ids"].shape
         encoders = lora_train_flops(cfg, enc_rows, enc_len, lora_rank=rank, logits=False)
     return micro * (encoders + lora_train_flops(cfg, gen_rows, gen_len, lora_rank=rank))
 
@@ -185,6 +192,31 @@ def _check_steps_fit_data(config: ml_collections.ConfigDict, n_records: int) -> 
         )
 
 
+def _candidate_cache(config, built, records, mesh, *, progress: bool) -> CandidateCache | None:
+    """Stage 3 compresses each distinct candidate once, as its compressor cannot change."""
+    if not reads_cached_candidates(config):
+        return None
+    with jax.set_mesh(mesh):
+        cache = CandidateCache.build(
+            built.model,
+            built.tokenizer,
+            built.clara,
+            records,
+            mesh,
+            parse_rules(config.sharding_rules),
+            candidates=config.data.candidates,
+            bucket=config.data.bucket,
+            progress=progress,
+        )
+    log.info(
+        "compressed %d distinct candidates once in %.1f s (%.1f MB on each host); the steps read them",
+        len(cache),
+        cache.seconds,
+        cache.nbytes / 1e6,
+    )
+    return cache
+
+
 def run_training(
     config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, dcn_mesh: str = ""
 ) -> RunSummary:
@@ -224,6 +256,8 @@ def run_training(
     built = build_model(config, mesh=mesh)
     init_info = init_from_previous_stage(built, config, config.init_from) if config.init_from else None
 
+    cache = _candidate_cache(config, built, records, mesh, progress=progress and is_main)
+
     def make_batches(num_epochs: int) -> BatchIterator:
         return BatchIterator(
             records,
@@ -234,13 +268,14 @@ def run_training(
             micro_size=config.batch.micro_size,
             seed=config.seed,
             num_epochs=num_epochs,
+            candidate_memory=cache.lookup if cache else None,
         )
 
     batches = make_batches(config.data.num_epochs)
     total_steps = config.total_steps or batches.total_steps
     spec = stage_spec(stage, docs_per_example=config.clara.docs_per_example)
     first = next(make_batches(1))  # shapes only: the step's shardings depend on ranks, not lengths
-    trainer = build_stage_trainer(
+    trainer = stage_program(
         built.model,
         spec,
         built.clara,
@@ -251,7 +286,7 @@ def run_training(
         gumbel=config.clara.gumbel,
         straight_through=config.clara.straight_through,
         rules=parse_rules(config.sharding_rules),
-    )
+    ).start()
     del first
     dev = dev_retrieval(config, built)
 
@@ -351,7 +386,7 @@ def run_training(
                 if pending is not None:
                     flush(pending)  # the previous step's metrics: by now that step has finished
                 now = time.perf_counter()
-                tokens = int(arrays["gen_mask"].sum() + arrays["enc_mask"].sum())
+                tokens = sum(int(arrays[k].sum()) for k in TOKEN_MASKS if k in arrays)
                 flops = step_flops(built.model.config, stage, arrays, config.lora.rank)
                 pending = (step, metrics, now - tick, flops, tokens)
                 tick = now
@@ -377,7 +412,7 @@ def run_training(
     plots = plot_history(workdir) if (is_main and config.plot and not preempted) else []
     trainer.state = state
     if not preempted and step >= total_steps:  # the finished model, for inference and export
-        from clara_jax.inference.model_dir import save_clara_model
+        from clara_jax.interop.model_dir import save_clara_model
 
         # every process takes part (the arrays may live on several hosts); process 0 writes
         save_clara_model(
