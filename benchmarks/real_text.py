@@ -1,6 +1,6 @@
 """CLaRa stages 1 -> 2 -> 3 and the evaluation on real text, SmolLM2-135M-Instruct on a CPU.
 
-    python benchmarks/real_text.py --workdir runs/real          # the full run (about 90 min, 2 cores)
+    python benchmarks/real_text.py --workdir runs/real          # the full run (71.7 min measured on 2 cores)
     python benchmarks/real_text.py --workdir /tmp/rt --quick    # smoke run: minutes, numbers mean nothing
     clara-jax eval --model runs/real/stage3/model --data runs/real/data/test.jsonl -k 5
 

@@ -124,8 +124,7 @@ def stage_program(
         gumbel=gumbel,
         straight_through=straight_through,
     )
-    # one device has nothing to pin, and XLA:CPU fuses less across the constraints (a SmolLM2-135M
-    # stage-1 step ran ~15 % slower with them on one device)
+    # one device has nothing to pin: its program stays free of constraint ops
     constrain = activation_constraint(mesh, rules) if mesh.size > 1 else None
 
     def loss_fn(model, batch, rng):  # traced with the decoder's activation marks applied
