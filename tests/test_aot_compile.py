@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from clara_jax.training.aot import HBM_GIB, AotError, Topology, abstract_batch, abstract_model, find_libtpu
@@ -63,7 +64,12 @@ def test_the_7b_model_and_batch_are_shapes_only():
     assert sum(x.size for x in leaves) > 7e9
     batch = abstract_batch(config, clara.n_mem)
     micro = config.batch.micro_size
-    assert batch["enc_ids"].shape == (32 // micro, micro * 20, 256 + 3 + 8)  # 20 candidates per question
+    # the candidates arrive compressed (the candidate cache): 20 per question, 8 vectors of 4096
+    assert batch["cand_memory"].shape == (32 // micro, micro, 20, 8, 4096) and "enc_ids" not in batch
+    assert batch["cand_memory"].dtype == jax.numpy.bfloat16
+    config.data.cache_candidates = False  # re-compressed in the step instead
+    batch = abstract_batch(config, clara.n_mem)
+    assert batch["enc_ids"].shape == (32 // micro, micro * 20, 256 + 3 + 8) and "cand_memory" not in batch
     assert batch["query_ids"].shape == (32 // micro, micro, 64 + 3 + 8)
     assert batch["gen_ids"].shape == (32 // micro, micro, 1024)
     assert batch["cand_valid"].dtype == jax.numpy.bool_
@@ -76,6 +82,7 @@ def test_the_abstract_batch_bounds_what_the_pipeline_produces():
     from clara_jax.data.records import RetrievalRecord
     from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
     from clara_jax.data.tokenizer import load_tokenizer
+    from clara_jax.model.presets import preset
     from clara_jax.training.loop import layout_config
 
     config = load_config_file(f"{os.path.join(ROOT, 'configs', 'stage3_e2e.py')}:tiny,runlocal")
@@ -86,25 +93,34 @@ def test_the_abstract_batch_bounds_what_the_pipeline_produces():
         RetrievalRecord(f"{words} {i}?", "yes", ("yes",), tuple(f"{words} {j}" for j in range(20)), (0,))
         for i in range(config.batch.global_size)
     ]
-    real = next(
-        BatchIterator(
-            records,
-            tok,
-            "stage3",
-            layout_config(config),
-            global_size=config.batch.global_size,
-            micro_size=config.batch.micro_size,
-            seed=0,
+    hidden = preset(config.model.preset).hidden_size
+
+    def cached(texts):  # what CandidateCache.lookup returns: [n, n_mem, D] and truncation flags
+        return np.zeros((len(texts), n_mem, hidden), np.float32), np.zeros(len(texts), bool)
+
+    for cache in (True, False):
+        config.data.cache_candidates = cache
+        real = next(
+            BatchIterator(
+                records,
+                tok,
+                "stage3",
+                layout_config(config),
+                global_size=config.batch.global_size,
+                micro_size=config.batch.micro_size,
+                seed=0,
+                candidate_memory=cached if cache else None,
+            )
         )
-    )
-    bound = abstract_batch(config, n_mem)
-    assert set(real) == set(bound)
-    for key, array in real.items():
-        assert array.dtype == bound[key].dtype, key
-        assert array.ndim == len(bound[key].shape), key
-        assert all(r <= b for r, b in zip(array.shape, bound[key].shape)), (key, array.shape)
-    assert real["enc_ids"].shape == bound["enc_ids"].shape  # documents are truncated to the bound
-    assert real["query_ids"].shape == bound["query_ids"].shape
+        bound = abstract_batch(config, n_mem)
+        assert set(real) == set(bound)
+        for key, array in real.items():
+            assert array.dtype == bound[key].dtype, key
+            assert array.ndim == len(bound[key].shape), key
+            assert all(r <= b for r, b in zip(array.shape, bound[key].shape)), (key, array.shape)
+        docs = "cand_memory" if cache else "enc_ids"
+        assert real[docs].shape == bound[docs].shape  # documents are truncated to the bound
+        assert real["query_ids"].shape == bound["query_ids"].shape
 
 
 @needs_libtpu

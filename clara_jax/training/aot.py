@@ -233,6 +233,7 @@ def abstract_batch(config, n_mem: int, gen_length: int = 0, query_length: int = 
     import jax
     import jax.numpy as jnp
 
+    from clara_jax.model.decoder import DTypePolicy
     from clara_jax.model.presets import preset
     from clara_jax.model.stage_registry import get_stage
     from clara_jax.training.candidate_cache import reads_cached_candidates
@@ -256,8 +257,8 @@ def abstract_batch(config, n_mem: int, gen_length: int = 0, query_length: int = 
     if retrieval and reads_cached_candidates(config):  # the candidates come compressed (loop.py)
         hidden = preset(config.model.preset).hidden_size
         del batch["enc_ids"], batch["enc_mask"]
-        batch["cand_memory"] = jax.ShapeDtypeStruct(
-            (steps, micro, docs, n_mem, hidden), jnp.dtype(config.model.dtype)
+        batch["cand_memory"] = jax.ShapeDtypeStruct(  # hidden states: the compute dtype
+            (steps, micro, docs, n_mem, hidden), DTypePolicy.parse(config.model.dtype).compute
         )
     if retrieval:
         q_len = (query_length or c.query_max_length + 3) + n_mem
