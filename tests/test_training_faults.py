@@ -209,7 +209,9 @@ def test_changed_lora_rank_on_resume_fails_naming_it_and_keeps_checkpoints(refer
     shutil.copytree(reference, workdir)
     before = _checkpoint_files(workdir)
     proc = subprocess.run(
-        _command(workdir, train_file, steps=STEPS + 6, extra=["--config.lora.rank=4"]),
+        _command(
+            workdir, train_file, steps=STEPS + 6, extra=["--config.lora.rank=4", "--config.data.num_epochs=2"]
+        ),
         env=_env(),
         capture_output=True,
         text=True,
