@@ -31,8 +31,8 @@ from clara_jax.inference.generation import SamplingConfig, generate
 from clara_jax.model.clara import ClaraConfig, compress, splice
 from clara_jax.model.config import tiny_config
 from clara_jax.model.decoder import Decoder
+from clara_jax.model.factory import add_clara_parts
 from clara_jax.model.lora import LoRAConfig
-from clara_jax.model.vocab import extend_vocabulary
 
 
 def best_ms(fn, repeats):
@@ -82,9 +82,14 @@ def main():
     rates = [int(r) for r in args.rates.split(",")]
     n_max = args.doc_length // min(rates)
     model = Decoder(base_cfg, rngs=nnx.Rngs(0))
-    extend_vocabulary(model, args.vocab + n_max + 3, key=jax.random.key(0))
-    for i, role in enumerate(("compressor", "generator")):
-        model.add_adapter(role, LoRAConfig(rank=16, alpha=32), rngs=nnx.Rngs(i + 1))
+    add_clara_parts(  # no trainable rows, no query reasoner: only inference is timed
+        model,
+        vocab_size=args.vocab + n_max + 3,
+        mem_token_ids=(),
+        lora=LoRAConfig(rank=16, alpha=32),
+        seed=0,
+        roles=("compressor", "generator"),
+    )
     mem_ids = tuple(range(args.vocab, args.vocab + n_max))
     sep = args.vocab + n_max + 2
     rng = np.random.default_rng(0)
@@ -151,9 +156,9 @@ def index_benchmark(n_docs: int, n_queries: int = 1024, k: int = 10) -> None:
 
     tok = load_tokenizer(TINY_TOKENIZER_DIR, n_mem=4)
     model = Decoder(tiny_config(vocab_size=tok.base_vocab_size), rngs=nnx.Rngs(0))
-    extend_vocabulary(model, tok.vocab_size, key=jax.random.key(0), trainable_token_ids=tok.mem_token_ids)
-    for i, role in enumerate(("compressor", "query_reasoner", "generator")):
-        model.add_adapter(role, LoRAConfig(rank=4), rngs=nnx.Rngs(i + 1))
+    add_clara_parts(
+        model, vocab_size=tok.vocab_size, mem_token_ids=tok.mem_token_ids, lora=LoRAConfig(rank=4), seed=0
+    )
     clara = ClaraConfig(mem_token_ids=tok.mem_token_ids, doc_max_length=32, compression_rate=8)
     rng = np.random.default_rng(0)
     words = [

@@ -52,12 +52,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from clara_jax.model.clara import ROLES, ClaraConfig  # noqa: E402
+from clara_jax.model.clara import ClaraConfig  # noqa: E402
 from clara_jax.model.config import DecoderConfig, tiny_config  # noqa: E402
 from clara_jax.model.decoder import Decoder, DTypePolicy  # noqa: E402
+from clara_jax.model.factory import add_clara_parts  # noqa: E402
 from clara_jax.model.flops import forward_flops, lora_train_flops  # noqa: E402
 from clara_jax.model.lora import LoRAConfig  # noqa: E402
-from clara_jax.model.vocab import extend_vocabulary  # noqa: E402
 from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh  # noqa: E402
 from clara_jax.training.optimizer import OptimizerConfig  # noqa: E402
 from clara_jax.training.stages import stage_program, stage_spec  # noqa: E402
@@ -156,12 +156,13 @@ def build_model(b: Bench, seed: int = 0) -> Decoder:
     """A fresh model per trainer: the trainer donates its state, and on a 1-device mesh that
     state may alias the model's own arrays, so a model is never reused after a trainer ran."""
     model = Decoder(b.decoder_config(), rngs=nnx.Rngs(seed), dtype=b.dtype)
-    extend_vocabulary(
-        model, b.vocab + b.n_mem + EXTRA_TOKENS, key=jax.random.key(seed), trainable_token_ids=b.mem_ids
+    add_clara_parts(
+        model,
+        vocab_size=b.vocab + b.n_mem + EXTRA_TOKENS,
+        mem_token_ids=b.mem_ids,
+        lora=LoRAConfig(rank=b.lora_rank, alpha=b.lora_alpha, dropout=b.dropout),
+        seed=seed,
     )
-    lora = LoRAConfig(rank=b.lora_rank, alpha=b.lora_alpha, dropout=b.dropout)
-    for i, role in enumerate(ROLES):
-        model.add_adapter(role, lora, rngs=nnx.Rngs(seed + i + 1))
     return model
 
 

@@ -13,8 +13,8 @@ from flax import nnx
 from clara_jax.model.clara import ROLES, ClaraConfig
 from clara_jax.model.config import tiny_config
 from clara_jax.model.decoder import Decoder
+from clara_jax.model.factory import add_clara_parts
 from clara_jax.model.lora import LoRAConfig
-from clara_jax.model.vocab import extend_vocabulary
 
 BASE_VOCAB, N_MEM = 500, 4
 MEM = tuple(range(BASE_VOCAB, BASE_VOCAB + N_MEM))
@@ -28,9 +28,9 @@ def clara_config(**kw) -> ClaraConfig:
 
 def tiny_clara(seed: int = 0, perturb: bool = True, dropout: float = 0.0) -> Decoder:
     model = Decoder(tiny_config(vocab_size=BASE_VOCAB), rngs=nnx.Rngs(seed))
-    extend_vocabulary(model, SEP + 1, key=jax.random.key(seed), trainable_token_ids=MEM)
+    lora = LoRAConfig(rank=4, alpha=8, dropout=dropout)
+    add_clara_parts(model, vocab_size=SEP + 1, mem_token_ids=MEM, lora=lora, seed=seed)
     for i, role in enumerate(ROLES):
-        model.add_adapter(role, LoRAConfig(rank=4, alpha=8, dropout=dropout), rngs=nnx.Rngs(seed + i + 1))
         if perturb:  # non-zero B so every adapter changes the function
             for f in model.adapters[role].factors.values():
                 f["b"].set_value(0.05 * jax.random.normal(jax.random.key(seed * 7 + i), f["b"].shape))

@@ -83,7 +83,7 @@ def test_the_abstract_batch_bounds_what_the_pipeline_produces():
     from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
     from clara_jax.data.tokenizer import load_tokenizer
     from clara_jax.model.presets import preset
-    from clara_jax.training.loop import layout_config
+    from clara_jax.training.run_spec import layout_config
 
     config = load_config_file(f"{os.path.join(ROOT, 'configs', 'stage3_e2e.py')}:tiny,runlocal")
     n_mem = config.clara.doc_max_length // config.clara.compression_rate

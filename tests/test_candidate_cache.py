@@ -16,8 +16,8 @@ from clara_jax.parallel.rules import parse_rules
 from clara_jax.training.build import build_model
 from clara_jax.training.candidate_cache import CandidateCache, reads_cached_candidates
 from clara_jax.training.config import load_config
-from clara_jax.training.loop import layout_config
 from clara_jax.training.objectives import candidate_memory, retrieval_loss
+from clara_jax.training.run_spec import layout_config
 
 CORPUS = SyntheticCorpusConfig(
     n_entities=40, n_distractors=0, n_candidates=8, n_hard_negatives=2, n_stage2_train=8,

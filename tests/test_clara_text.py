@@ -13,11 +13,11 @@ from clara_jax.data.layouts import encoder_batch, generator_batch, label_ids
 from clara_jax.data.prompts import qa_prompt, standard_prompt
 from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
 from clara_jax.data.tokenizer import load_tokenizer
-from clara_jax.model.clara import ROLES, ClaraConfig, compress, splice
+from clara_jax.model.clara import ClaraConfig, compress, splice
 from clara_jax.model.config import tiny_config
 from clara_jax.model.decoder import Decoder
+from clara_jax.model.factory import add_clara_parts
 from clara_jax.model.lora import LoRAConfig
-from clara_jax.model.vocab import extend_vocabulary
 from clara_jax.training.objectives import compression_loss, retrieval_loss
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "clara_pretrain_sample.jsonl"
@@ -27,9 +27,9 @@ N_MEM = 4
 def _setup():
     tok = load_tokenizer(TINY_TOKENIZER_DIR, n_mem=N_MEM)
     model = Decoder(tiny_config(vocab_size=tok.base_vocab_size), rngs=nnx.Rngs(0))
-    extend_vocabulary(model, tok.vocab_size, key=jax.random.key(0), trainable_token_ids=tok.mem_token_ids)
-    for i, role in enumerate(ROLES):
-        model.add_adapter(role, LoRAConfig(rank=4), rngs=nnx.Rngs(i + 1))
+    add_clara_parts(
+        model, vocab_size=tok.vocab_size, mem_token_ids=tok.mem_token_ids, lora=LoRAConfig(rank=4), seed=0
+    )
     cfg = ClaraConfig(mem_token_ids=tok.mem_token_ids, doc_max_length=64, compression_rate=16, top_k=2)
     return tok, model, cfg
 

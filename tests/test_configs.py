@@ -4,9 +4,12 @@ from pathlib import Path
 
 import pytest
 
+from clara_jax.model.field_checks import SettingsError
+from clara_jax.model.lora import LoRAConfig
 from clara_jax.model.presets import PRESETS
 from clara_jax.model.stage_registry import STAGE_LIST
-from clara_jax.training.config import ConfigError, load_config, stage_config_spec
+from clara_jax.training.config import ConfigError, load_config, stage_config_spec, validate
+from clara_jax.training.run_spec import layout_config, optimizer_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("stage*.py"))
 
@@ -120,6 +123,24 @@ def test_validation_reports_every_problem_with_field_and_expectation():
         load_config(f"{CONFIGS[0]}:tiny,fast")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("configs/nope.py:tiny")
+
+
+def test_validation_returns_the_typed_settings_the_run_builds():
+    config = load_config(f"{CONFIGS[2]}:tiny,runlocal")
+    spec = validate(config)
+    assert spec.stage.retrieval and str(spec.model.dtype.compute) == "float32"
+    assert spec.lora == LoRAConfig(rank=8, alpha=16.0, dropout=0.1)
+    assert spec.layout == layout_config(config) and spec.batch.global_size == 8
+    assert spec.clara.model_config(range(100, 108)).mem_token_ids == tuple(range(100, 108))
+    # the optimizer of a saved config (a stage resuming its predecessor), over the run's length
+    assert optimizer_config(config.to_dict(), 50) == optimizer_config(config, 50)
+    assert optimizer_config(config, 50).schedule == spec.optim.schedule == "constant"
+
+
+def test_a_settings_dataclass_reports_all_its_problems_at_once():
+    with pytest.raises(SettingsError) as err:
+        LoRAConfig(rank=0, alpha=8, dropout=1.5)
+    assert err.value.problems == ("lora.rank = 0: expected > 0", "lora.dropout = 1.5: expected in [0, 1)")
 
 
 def test_stage_chain_accepts_one_base_named_two_ways(tmp_path, monkeypatch):

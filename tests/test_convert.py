@@ -38,8 +38,8 @@ from clara_jax.model.clara import (  # noqa: E402  # noqa: E402
 )
 from clara_jax.model.config import tiny_config  # noqa: E402
 from clara_jax.model.decoder import Decoder  # noqa: E402
+from clara_jax.model.factory import add_clara_parts  # noqa: E402
 from clara_jax.model.lora import LoRAConfig  # noqa: E402
-from clara_jax.model.vocab import extend_vocabulary  # noqa: E402
 from tests import hf_reference as ref  # noqa: E402
 
 N_MEM, DOC_MAX, COMPR = 4, 16, 4
@@ -123,12 +123,12 @@ def clara_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("clara_model")
     tok = load_tokenizer(TINY_TOKENIZER_DIR, n_mem=N_MEM)
     model = Decoder(tiny_config(vocab_size=tok.base_vocab_size), rngs=nnx.Rngs(0))
-    extend_vocabulary(model, tok.vocab_size, key=jax.random.key(0), trainable_token_ids=tok.mem_token_ids)
+    lora = LoRAConfig(rank=4, alpha=8, dropout=0.1)
+    add_clara_parts(model, vocab_size=tok.vocab_size, mem_token_ids=tok.mem_token_ids, lora=lora, seed=0)
     model.embed_rows.set_value(
         model.embed_rows[...] + 0.3 * jax.random.normal(jax.random.key(9), (N_MEM, 64))
     )
     for i, role in enumerate(ROLES):
-        model.add_adapter(role, LoRAConfig(rank=4, alpha=8, dropout=0.1), rngs=nnx.Rngs(i + 1))
         for f in model.adapters[role].factors.values():
             f["b"].set_value(0.1 * jax.random.normal(jax.random.key(10 + i), f["b"].shape))
     clara = ClaraConfig(mem_token_ids=tok.mem_token_ids, doc_max_length=DOC_MAX, compression_rate=COMPR)

@@ -26,8 +26,8 @@ from clara_jax.interop.model_dir import load_clara_model, save_clara_model
 from clara_jax.model.clara import ROLES, ClaraConfig
 from clara_jax.model.config import tiny_config
 from clara_jax.model.decoder import Decoder
+from clara_jax.model.factory import add_clara_parts
 from clara_jax.model.lora import LoRAConfig
-from clara_jax.model.vocab import extend_vocabulary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_DOCS, SHARD, BATCH = 60, 16, 8
@@ -39,9 +39,10 @@ THINGS = ["a goat", "a dog", "orange", "tea", "chess", "a red bike"]
 def _save_model(out, seed):
     tok = load_tokenizer(TINY_TOKENIZER_DIR, n_mem=4)
     model = Decoder(tiny_config(vocab_size=tok.base_vocab_size), rngs=nnx.Rngs(seed))
-    extend_vocabulary(model, tok.vocab_size, key=jax.random.key(seed), trainable_token_ids=tok.mem_token_ids)
+    add_clara_parts(
+        model, vocab_size=tok.vocab_size, mem_token_ids=tok.mem_token_ids, lora=LoRAConfig(rank=4), seed=seed
+    )
     for i, role in enumerate(ROLES):
-        model.add_adapter(role, LoRAConfig(rank=4), rngs=nnx.Rngs(seed + i + 1))
         for f in model.adapters[role].factors.values():  # non-zero B: every adapter matters
             f["b"].set_value(0.05 * jax.random.normal(jax.random.key(seed * 7 + i), f["b"].shape))
     clara = ClaraConfig(mem_token_ids=tok.mem_token_ids, doc_max_length=32, compression_rate=8)

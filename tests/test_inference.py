@@ -18,8 +18,8 @@ from clara_jax.interop.model_dir import load_clara_model, save_clara_model
 from clara_jax.model.clara import ROLES, ClaraConfig, splice
 from clara_jax.model.config import tiny_config
 from clara_jax.model.decoder import Decoder
+from clara_jax.model.factory import add_clara_parts
 from clara_jax.model.lora import LoRAConfig
-from clara_jax.model.vocab import extend_vocabulary
 
 DOCS = [
     "Mava lives in Vienna. Mava likes orange.",
@@ -37,10 +37,10 @@ def _model(tok, base=None, seed=0):
         if base
         else Decoder(tiny_config(vocab_size=tok.base_vocab_size), rngs=nnx.Rngs(seed))
     )
-    extend_vocabulary(model, tok.vocab_size, key=jax.random.key(seed), trainable_token_ids=tok.mem_token_ids)
+    lora = LoRAConfig(rank=4, alpha=8)
+    add_clara_parts(model, vocab_size=tok.vocab_size, mem_token_ids=tok.mem_token_ids, lora=lora, seed=seed)
     model.embed_rows[...] = model.embed_rows[...] + 0.3  # "trained" rows
     for i, role in enumerate(ROLES):
-        model.add_adapter(role, LoRAConfig(rank=4, alpha=8), rngs=nnx.Rngs(seed + i + 1))
         for f in model.adapters[role].factors.values():
             f["b"].set_value(0.05 * jax.random.normal(jax.random.key(i), f["b"].shape))
     return model

@@ -8,8 +8,9 @@ import pytest
 from clara_jax.parallel.mesh import MeshConfig, make_mesh
 from clara_jax.parallel.rules import parse_rules
 from clara_jax.training.aot import abstract_batch, abstract_model
-from clara_jax.training.build import build_model, optimizer_config
+from clara_jax.training.build import build_model
 from clara_jax.training.config import load_config
+from clara_jax.training.run_spec import optimizer_config
 from clara_jax.training.stages import stage_program, stage_spec
 
 SMALL = [

@@ -8,7 +8,6 @@ import os
 import shutil
 import struct
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -23,11 +22,11 @@ from clara_jax.inference.export import encode_shard, model_fingerprint, read_sha
 from clara_jax.inference.index import EmbeddingIndex
 from clara_jax.interop.model_dir import load_clara_model, save_clara_model
 from clara_jax.interop.safetensors_io import SafetensorsFile, open_checkpoint, weights_digest
-from clara_jax.model.clara import ROLES, ClaraConfig
+from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.config import tiny_config
 from clara_jax.model.decoder import Decoder
+from clara_jax.model.factory import add_clara_parts
 from clara_jax.model.lora import LoRAConfig
-from clara_jax.model.vocab import extend_vocabulary
 
 # --- safetensors headers -----------------------------------------------------------------------------
 
@@ -206,9 +205,14 @@ def test_manifest_shard_entries_cannot_point_elsewhere(tmp_path, field, value, e
 def _save_model(out, seed):
     tok = load_tokenizer(TINY_TOKENIZER_DIR, n_mem=4)
     model = Decoder(tiny_config(vocab_size=tok.base_vocab_size), rngs=nnx.Rngs(seed))
-    extend_vocabulary(model, tok.vocab_size, key=jax.random.key(seed), trainable_token_ids=tok.mem_token_ids)
-    for role in ROLES:
-        model.add_adapter(role, LoRAConfig(rank=4), rngs=nnx.Rngs(seed + 1))
+    add_clara_parts(
+        model,
+        vocab_size=tok.vocab_size,
+        mem_token_ids=tok.mem_token_ids,
+        lora=LoRAConfig(rank=4),
+        seed=seed,
+        adapter_seeds=(seed + 1,) * 3,
+    )
     clara = ClaraConfig(mem_token_ids=tok.mem_token_ids, doc_max_length=32, compression_rate=8)
     save_clara_model(model, tok, clara, str(out))
     return str(out)

@@ -21,6 +21,7 @@ import numpy as np
 from clara_jax.data.layouts import encoder_batch, generator_batch, label_ids
 from clara_jax.data.prompts import paraphrase_prompt, qa_prompt, standard_prompt
 from clara_jax.data.tokenizer import ClaraTokenizer
+from clara_jax.model.field_checks import check_fields
 from clara_jax.model.stage_registry import get_stage
 
 
@@ -33,6 +34,19 @@ class LayoutConfig:
     docs_per_example: int = 1  # stages 1/2
     top_k: int = 5  # stage 3: memory slots in the generator prompt
     candidates: int = 20  # stage 3: candidates per question (fewer are padded and masked)
+
+    def __post_init__(self):
+        check_fields(  # doc_max_length and top_k are the method's: checked with the clara settings
+            ("clara.docs_per_example", self.docs_per_example, self.docs_per_example >= 1, ">= 1"),
+            ("clara.query_max_length", self.query_max_length, self.query_max_length >= 1, ">= 1"),
+            (
+                "clara.generator_max_length",
+                self.generator_max_length,
+                self.generator_max_length >= 16,
+                ">= 16",
+            ),
+            ("data.bucket", self.bucket, self.bucket >= 1, ">= 1"),
+        )
 
 
 def bucket_length(n: int, bucket: int) -> int:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clara_jax.model.config import DecoderConfig
+from clara_jax.model.field_checks import check_fields
 
 # HF module path of every projection LoRA can target, formatted with the layer index.
 PROJECTION_PATHS = {
@@ -73,6 +74,11 @@ class LoRAConfig:
     target_modules: str | Sequence[str] = "all-linear"
 
     def __post_init__(self):
+        check_fields(
+            ("lora.rank", self.rank, self.rank > 0, "> 0"),
+            ("lora.alpha", self.alpha, self.alpha > 0, "> 0"),
+            ("lora.dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)"),
+        )
         if not isinstance(self.target_modules, str):  # lists from JSON: keep the config hashable
             object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
 

@@ -212,7 +212,8 @@ def abstract_model(config):
 
     from clara_jax.model.decoder import Decoder
     from clara_jax.model.presets import preset
-    from clara_jax.training.build import add_clara_parts, clara_config
+    from clara_jax.training.build import add_clara_parts
+    from clara_jax.training.run_spec import clara_settings
 
     base_vocab, vocab, mem_ids = _vocabulary(config)
     arch = preset(config.model.preset).replace(vocab_size=base_vocab)
@@ -222,7 +223,7 @@ def abstract_model(config):
         add_clara_parts(model, config, vocab, mem_ids, base_vocab)
         return model
 
-    return nnx.eval_shape(build), clara_config(config, mem_ids)
+    return nnx.eval_shape(build), clara_settings(config).model_config(mem_ids)
 
 
 def abstract_batch(config, n_mem: int, gen_length: int = 0, query_length: int = 0) -> dict:
@@ -304,7 +305,7 @@ def compile_stage(
 
     from clara_jax.parallel.mesh import describe
     from clara_jax.parallel.rules import logical_to_spec, parse_rules
-    from clara_jax.training.build import optimizer_config
+    from clara_jax.training.run_spec import optimizer_config
     from clara_jax.training.stages import stage_program, stage_spec
 
     mesh = _mesh_for(config, devices, topology, dcn_spec)

@@ -22,16 +22,16 @@ from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
 from clara_jax.data.tokenizer import ClaraTokenizer, load_tokenizer
 from clara_jax.interop.gguf import resolve_model_path
 from clara_jax.interop.hf import load_decoder
-from clara_jax.model.clara import COMPRESSOR, QUERY_REASONER, ROLES, ClaraConfig
+from clara_jax.model import factory
+from clara_jax.model.clara import COMPRESSOR, QUERY_REASONER, ClaraConfig
 from clara_jax.model.decoder import Decoder
-from clara_jax.model.lora import LoRAConfig
 from clara_jax.model.presets import preset
 from clara_jax.model.stage_registry import get_stage
-from clara_jax.model.vocab import extend_vocabulary
 from clara_jax.parallel.rules import parse_rules
 from clara_jax.parallel.sharded_init import change_sharded, create_sharded
 from clara_jax.training.checkpoint import Checkpointer, abstract_like
-from clara_jax.training.optimizer import OptimizerConfig, make_optimizer
+from clara_jax.training.optimizer import make_optimizer
+from clara_jax.training.run_spec import clara_settings, lora_config, optimizer_config
 from clara_jax.training.stages import stage_spec
 from clara_jax.training.step import TrainState
 from clara_jax.training.trainable import split_trainable
@@ -55,19 +55,6 @@ class BuiltModel:
     tokenizer: ClaraTokenizer
     model: Decoder
     clara: ClaraConfig
-
-
-def clara_config(config: ml_collections.ConfigDict, mem_token_ids: tuple[int, ...]) -> ClaraConfig:
-    c = config.clara
-    return ClaraConfig(
-        mem_token_ids=tuple(mem_token_ids),
-        doc_max_length=c.doc_max_length,
-        compression_rate=c.compression_rate,
-        mse_weight=c.mse_weight,
-        top_k=c.top_k,
-        temperature=c.temperature,
-        topk_mask_mode=c.topk_mask_mode,
-    )
 
 
 def tokenizer_dir(config) -> str:
@@ -96,8 +83,8 @@ def build_model(config: ml_collections.ConfigDict, mesh=None) -> BuiltModel:
     `config.sharding_rules` give it, so a base too large for one device never exists whole on
     one device (or in host memory).
     """
-    n_mem = config.clara.doc_max_length // config.clara.compression_rate
-    tok = load_tokenizer(tokenizer_dir(config), n_mem=n_mem)
+    clara = clara_settings(config)
+    tok = load_tokenizer(tokenizer_dir(config), n_mem=clara.n_mem)
     rules = parse_rules(config.sharding_rules)
     if config.model.path:
         model = load_decoder(
@@ -125,31 +112,20 @@ def build_model(config: ml_collections.ConfigDict, mesh=None) -> BuiltModel:
         mesh,
         rules,
     )
-    return BuiltModel(tok, model, clara_config(config, tok.mem_token_ids))
-
-
-def lora_config(config: ml_collections.ConfigDict) -> LoRAConfig:
-    targets = config.lora.target_modules
-    return LoRAConfig(
-        rank=config.lora.rank,
-        alpha=config.lora.alpha,
-        dropout=config.lora.dropout,
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
-    )
+    return BuiltModel(tok, model, clara.model_config(tok.mem_token_ids))
 
 
 def add_clara_parts(model: Decoder, config, vocab_size: int, mem_token_ids, first_new: int) -> None:
-    """What CLaRa adds to a base decoder: the extended vocabulary (<MEM*> rows trainable) and the
-    three LoRA adapters. The one recipe of `build_model` and of `clara-jax compile`'s abstract model."""
-    extend_vocabulary(
+    """model/factory.py's recipe with the run's LoRA settings and seed: the one of `build_model`
+    and of `clara-jax compile`'s abstract model."""
+    factory.add_clara_parts(
         model,
-        vocab_size,
-        key=jax.random.key(config.seed),
-        trainable_token_ids=tuple(mem_token_ids),
+        vocab_size=vocab_size,
+        mem_token_ids=mem_token_ids,
         first_new=first_new,
+        lora=lora_config(config),
+        seed=config.seed,
     )
-    for i, role in enumerate(ROLES):
-        model.add_adapter(role, lora_config(config), rngs=nnx.Rngs(config.seed + 1 + i))
 
 
 def same_model_path(a: str, b: str) -> bool:
@@ -214,20 +190,3 @@ def init_from_previous_stage(built: BuiltModel, config, workdir: str) -> dict:
         " (+ query_reasoner <- compressor)" if stage.query_from_compressor else "",
     )
     return {"source": ckpt_dir, "step": step, "inherited": list(inherit)}
-
-
-def optimizer_config(cfg, total_steps: int | None = None) -> OptimizerConfig:
-    """The OptimizerConfig of a run config (a ConfigDict or its saved dict form)."""
-    o = cfg["optim"]
-    steps = total_steps or int(cfg["total_steps"] or 1)
-    return OptimizerConfig(
-        learning_rate=o["lr"],
-        schedule=o["schedule"],
-        total_steps=max(steps, 1),
-        warmup_ratio=o["warmup_ratio"],
-        min_lr_ratio=o["min_lr_ratio"],
-        b1=o["b1"],
-        b2=o["b2"],
-        weight_decay=o["weight_decay"],
-        clip_norm=o["clip_norm"],
-    )

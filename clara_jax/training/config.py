@@ -1,7 +1,8 @@
 """Loading, overriding and validating run configs (`configs/*.py:ARG` + `--config.a.b=value`).
 
 Overrides are typed by the field they replace, unknown keys are refused with the closest
-known names, and `validate` reports every problem at once, before anything heavy starts.
+known names, and `validate` (training/run_spec.py) reports every problem at once, before anything
+heavy starts.
 """
 
 from __future__ import annotations
@@ -14,16 +15,8 @@ import pkgutil
 
 import ml_collections
 
-from clara_jax.model.decoder import REMAT_POLICIES, DTypePolicy
-from clara_jax.model.presets import PRESETS
-from clara_jax.model.stage_registry import STAGE_NAMES, get_stage
-from clara_jax.model.topk import MASK_MODES
-from clara_jax.parallel.mesh import MeshConfig
-from clara_jax.parallel.rules import parse_rules
-
-
-class ConfigError(ValueError):
-    pass
+from clara_jax.model.stage_registry import get_stage
+from clara_jax.training.run_spec import ConfigError, RunSpec
 
 
 def _is_file_spec(target: str) -> bool:
@@ -123,81 +116,9 @@ def _flatten(config, prefix=""):
             yield path, value
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Every problem of a config, with the field and what is expected, in one error."""
-    problems = []
-
-    def need(ok: bool, field: str, expected: str):
-        if not ok:
-            problems.append(f"{field} = {c[field]!r}: expected {expected}")
-
-    need(c.stage in STAGE_NAMES, "stage", f"one of {STAGE_NAMES}")
-    need(c.model.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}")
-    need(
-        bool(c.model.path) or c.model.preset == "tiny",
-        "model.path",
-        "a local transformers directory (only the 'tiny' preset has a built-in random init)",
-    )
-    try:
-        DTypePolicy.parse(c.model.dtype)
-    except (TypeError, ValueError):
-        need(False, "model.dtype", "'float32', 'bfloat16' or 'p=float32,c=bfloat16'")
-    need(c.model.remat in REMAT_POLICIES, "model.remat", f"one of {sorted(REMAT_POLICIES)}")
-    need(c.lora.rank > 0, "lora.rank", "> 0")
-    need(c.lora.alpha > 0, "lora.alpha", "> 0")
-    need(0 <= c.lora.dropout < 1, "lora.dropout", "in [0, 1)")
-    k = c.clara
-    need(
-        1 <= k.compression_rate <= min(256, k.doc_max_length),
-        "clara.compression_rate",
-        "in [1, min(256, doc_max_length)]",
-    )
-    need(k.doc_max_length >= 1, "clara.doc_max_length", ">= 1")
-    need(k.mse_weight >= 0, "clara.mse_weight", ">= 0")
-    need(k.docs_per_example >= 1, "clara.docs_per_example", ">= 1")
-    need(k.top_k >= 1, "clara.top_k", ">= 1")
-    need(k.temperature > 0, "clara.temperature", "> 0")
-    need(k.topk_mask_mode in MASK_MODES, "clara.topk_mask_mode", f"one of {MASK_MODES}")
-    need(k.query_max_length >= 1, "clara.query_max_length", ">= 1")
-    need(k.generator_max_length >= 16, "clara.generator_max_length", ">= 16")
-    need(c.data.policy in ("error", "skip"), "data.policy", "'error' or 'skip'")
-    need(c.data.bucket >= 1, "data.bucket", ">= 1")
-    need(c.data.num_epochs >= 1, "data.num_epochs", ">= 1")
-    need(c.data.eval_every >= 0, "data.eval_every", ">= 0 (0: no periodic dev evaluation)")
-    need(c.data.eval_questions >= 1, "data.eval_questions", ">= 1")
-    if c.stage in STAGE_NAMES and get_stage(c.stage).retrieval:
-        need(c.data.candidates >= k.top_k, "data.candidates", f">= clara.top_k = {k.top_k}")
-        need(
-            not c.data.eval_every or bool(c.data.eval),
-            "data.eval",
-            "a file with pos_index when data.eval_every > 0 (the dev questions to rank)",
-        )
-        need(k.mse_weight == 0, "clara.mse_weight", "0 in stage 3 (the compressor is frozen)")
-    need(c.batch.micro_size >= 1, "batch.micro_size", ">= 1")
-    need(
-        c.batch.global_size >= c.batch.micro_size and c.batch.global_size % c.batch.micro_size == 0,
-        "batch.global_size",
-        f"a multiple of batch.micro_size = {c.batch.micro_size}",
-    )
-    need(c.optim.lr > 0, "optim.lr", "> 0")
-    need(c.optim.schedule in ("cosine", "constant"), "optim.schedule", "'cosine' or 'constant'")
-    need(0 <= c.optim.warmup_ratio < 1, "optim.warmup_ratio", "in [0, 1)")
-    need(0 <= c.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]")
-    need(c.optim.clip_norm > 0, "optim.clip_norm", "> 0")
-    need(c.total_steps >= 0, "total_steps", ">= 0 (0: derived from the data)")
-    try:
-        MeshConfig.from_spec(c.mesh)
-    except ValueError as err:
-        problems.append(f"mesh = {c.mesh!r}: {err}")
-    try:
-        parse_rules(c.sharding_rules)
-    except ValueError as err:
-        problems.append(f"sharding_rules = {c.sharding_rules!r}: {err}")
-    need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", ">= 1")
-    need(c.checkpoint.keep >= 1, "checkpoint.keep", ">= 1")
-    need(c.log_every >= 1, "log_every", ">= 1")
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+def validate(c: ml_collections.ConfigDict) -> RunSpec:
+    """The config's typed settings; a ConfigError lists every problem, with field and expectation."""
+    return RunSpec.from_config(c)
 
 
 def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:

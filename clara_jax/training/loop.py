@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from clara_jax.data.pipeline import BatchIterator, LayoutConfig
+from clara_jax.data.pipeline import BatchIterator
 from clara_jax.data.sources import read_records, require_records
 from clara_jax.interop.gguf import resolve_model_path
 from clara_jax.model.flops import forward_flops, lora_train_flops, measured_matmul_flops
@@ -36,12 +36,13 @@ from clara_jax.model.stage_registry import get_stage
 from clara_jax.parallel.distributed import barrier
 from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh, num_slices
 from clara_jax.parallel.rules import parse_rules
-from clara_jax.training.build import build_model, init_from_previous_stage, optimizer_config
+from clara_jax.training.build import build_model, init_from_previous_stage
 from clara_jax.training.candidate_cache import CandidateCache, reads_cached_candidates
 from clara_jax.training.checkpoint import Checkpointer, abstract_like
 from clara_jax.training.config import ConfigError
 from clara_jax.training.dev_retrieval import DevRetrieval
 from clara_jax.training.metrics import MetricsWriter, plot_history
+from clara_jax.training.run_spec import layout_config, optimizer_config
 from clara_jax.training.stages import stage_program, stage_spec
 
 log = logging.getLogger(__name__)
@@ -119,19 +120,6 @@ def _mesh_config(config, dcn_mesh: str) -> MeshConfig:
     if not dcn_mesh and num_slices() > 1:
         dcn_mesh = "data=-1"  # replicas across slices: only the gradient all-reduce crosses DCN
     return MeshConfig.from_spec(config.mesh, dcn_mesh)
-
-
-def layout_config(config) -> LayoutConfig:
-    c = config.clara
-    return LayoutConfig(
-        doc_max_length=c.doc_max_length,
-        query_max_length=c.query_max_length,
-        generator_max_length=c.generator_max_length,
-        bucket=config.data.bucket,
-        docs_per_example=c.docs_per_example,
-        top_k=c.top_k,
-        candidates=config.data.candidates,
-    )
 
 
 # Every row that enters the decoder in a step: generator, compressor (unless cached), query reasoner.

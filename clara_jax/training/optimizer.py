@@ -11,6 +11,8 @@ import math
 
 import optax
 
+from clara_jax.model.field_checks import check_fields
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -26,10 +28,19 @@ class OptimizerConfig:
     clip_norm: float = 1.0
 
     def __post_init__(self):
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule={self.schedule!r}; expected 'cosine' or 'constant'")
-        if self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        check_fields(
+            ("optim.lr", self.learning_rate, self.learning_rate > 0, "> 0"),
+            (
+                "optim.schedule",
+                self.schedule,
+                self.schedule in ("cosine", "constant"),
+                "'cosine' or 'constant'",
+            ),
+            ("optim.warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            ("optim.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("optim.clip_norm", self.clip_norm, self.clip_norm > 0, "> 0"),
+            ("total_steps", self.total_steps, self.total_steps >= 1, ">= 1 (the schedule's length)"),
+        )
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
