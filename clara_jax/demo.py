@@ -24,7 +24,7 @@ from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
 from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.file_io import read_json_lines
 from clara_jax.inference.clara_model import ClaraInference
-from clara_jax.inference.evaluate import evaluate_retrieval_qa
+from clara_jax.inference.evaluate import evaluate_gold_ablation, evaluate_retrieval_qa
 from clara_jax.interop.model_dir import load_clara_model
 from clara_jax.model.config import tiny_config
 from clara_jax.model.stage_registry import STAGE_NAMES, get_stage
@@ -95,9 +95,13 @@ def stage_overrides(data_dir: str, base_dir: str, scale: float, seed: int = 0) -
     }
 
 
-def _evaluate(built_tok, model, clara, records):
+def _evaluate(built_tok, model, clara, records, reader_check: bool = False):
     inference = ClaraInference(built_tok, model, clara, batch_size=25, query_max_length=24)
-    return evaluate_retrieval_qa(inference, records, k=clara.top_k, max_new_tokens=12)["scores"]
+    scores = evaluate_retrieval_qa(inference, records, k=clara.top_k, max_new_tokens=12)["scores"]
+    if reader_check:  # does the generator read? (the answers with and without the gold passages)
+        ablation = evaluate_gold_ablation(inference, records, k=clara.top_k, max_new_tokens=12)
+        scores.update({f"em_{name}": s["em"] for name, s in ablation["scores"].items()})
+    return scores
 
 
 def run_demo(
@@ -160,9 +164,9 @@ def run_demo(
         if stage == "stage2":  # what stage 3 starts from: the query reasoner is the compressor
             tok, model, clara = load_clara_model(os.path.join(stage_dir, "model"))
             nnx.update(model.adapters["query_reasoner"], nnx.state(model.adapters["compressor"]))
-            after_stage2 = _evaluate(tok, model, clara, eval_records)
+            after_stage2 = _evaluate(tok, model, clara, eval_records, reader_check=True)
 
-    after = _evaluate(*load_clara_model(os.path.join(previous, "model")), eval_records)
+    after = _evaluate(*load_clara_model(os.path.join(previous, "model")), eval_records, reader_check=True)
     chance = {"recall@1": chance_recall(raw_eval, 1), "recall@5": chance_recall(raw_eval, 5)}
     result = {
         "before": before,
@@ -186,20 +190,27 @@ def format_results(result: dict) -> str:
         ("answer EM", "em"),
         ("answer F1", "f1"),
         ("answer Cover-EM", "acc"),
+        ("answer EM, gold among the 5", "em_with_gold"),
+        ("answer EM, no gold among the 5", "em_without_gold"),
     ]
     lines = [
         f"held-out questions: {result['n_eval']} (each with 20 candidate passages, gold among them)",
-        f"{'metric':<30}{'chance':>9}{'before':>9}{'stage 2':>9}{'stage 3':>9}",
+        f"{'metric':<32}{'chance':>9}{'before':>9}{'stage 2':>9}{'stage 3':>9}",
     ]
+
+    def cell(column: str, key: str) -> str:
+        value = result[column].get(key)
+        return f"{'' if value is None else f'{value:.3f}':>9}"
+
     for label, key in rows:
-        chance = result["chance"].get(key)
         lines.append(
-            f"{label:<30}{'' if chance is None else f'{chance:.3f}':>9}{result['before'][key]:>9.3f}"
-            f"{result['after_stage2'][key]:>9.3f}{result['after'][key]:>9.3f}"
+            f"{label:<32}{cell('chance', key)}{cell('before', key)}{cell('after_stage2', key)}{cell('after', key)}"
         )
     lines.append(
         "(before: fresh adapters; stage 2: after stages 1-2 with the query reasoner = the compressor; "
-        "stage 3: after all three stages)"
+        "stage 3: after all three stages; the last two rows give the generator 5 compressed "
+        "candidates with every gold passage among them, or none: equal EMs mean it answers from the "
+        "question alone, which leaves stage 3 little to learn from)"
     )
     lines.append(f"wall time: {result['seconds'] / 60:.1f} min")
     for stage, paths in result["plots"].items():

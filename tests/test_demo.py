@@ -20,8 +20,11 @@ def test_demo_runs_all_stages_and_reports(tmp_path):
         for key in ("recall@1", "recall@5", "em", "f1", "acc"):
             assert 0.0 <= saved[when][key] <= 1.0
     assert saved["chance"]["recall@5"] == 5 / 20 and set(saved["after_stage2"]) == set(saved["after"])
+    for when in ("after_stage2", "after"):  # the reader check: answers with and without the gold
+        assert 0.0 <= saved[when]["em_with_gold"] <= 1.0 and 0.0 <= saved[when]["em_without_gold"] <= 1.0
     table = format_results(result)
     assert "Recall@1" in table and "answer EM" in table and "chance" in table
+    assert "answer EM, no gold among the 5" in table
     # stage 3 is scored on the dev people (never the eval ones) as it trains, from its first step
     dev = [r for r in map(json.loads, open(tmp_path / "stage3" / "metrics.jsonl")) if "dev/recall@1" in r]
     assert [r["step"] for r in dev] == [0, 1, 2] and all(0 <= r["dev/recall@1"] <= 1 for r in dev)

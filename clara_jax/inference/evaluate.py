@@ -47,6 +47,36 @@ def evaluate_given_documents(
     return {"scores": qa_scores(answers, [list(r.answers) for r in records]), "answers": answers}
 
 
+def evaluate_gold_ablation(
+    clara: ClaraInference, records: Sequence, *, k: int = 5, max_new_tokens: int = 32, seed: int = 0
+) -> dict:
+    """Does the generator read its documents? It answers each question twice from k compressed
+    candidates: once with every gold passage among them (the rest non-gold, shuffled), once with
+    none. Equal scores mean the answers come from the question alone, and then stage 3's LM loss
+    carries almost no signal about which passages to retrieve."""
+    usable = [r for r in records if r.pos_index and len(r.docs) - len(set(r.pos_index)) >= k]
+    if not usable:
+        raise ValueError(f"no record has gold passages (pos_index) and at least {k} non-gold candidates")
+    rng = np.random.default_rng(seed)
+    with_gold, without_gold = [], []
+    for r in usable:
+        gold = sorted(set(r.pos_index))[:k]
+        others = [i for i in range(len(r.docs)) if i not in set(r.pos_index)]
+        picked = gold + others[: k - len(gold)]
+        rng.shuffle(picked)
+        with_gold.extend(r.docs[i] for i in picked)
+        without_gold.extend(r.docs[i] for i in others[:k])
+    questions = [r.question for r in usable]
+    golds = [list(r.answers) for r in usable]
+    scores = {}
+    for name, docs in (("with_gold", with_gold), ("without_gold", without_gold)):
+        answers = clara.generate_from_compressed_documents_and_questions(
+            questions, clara.compress_documents(docs), max_new_tokens=max_new_tokens
+        )
+        scores[name] = qa_scores(answers, golds)
+    return {"scores": scores, "n": len(usable)}
+
+
 def read_eval_file(path: str, *, k: int = 5, limit: int | None = None, policy: str = "error") -> list:
     """The records of one evaluation file (official formats, with or without `pos_index`), each with at
     least `k` candidates; a file that leaves none raises a `DataError` naming it."""
