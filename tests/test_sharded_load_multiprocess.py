@@ -1,0 +1,97 @@
+"""Two processes load one base onto a mesh that spans them (fsdp=8, 4 devices each): each process
+reads from the files only the slices its own devices hold, and the two halves together are the
+one-device load bit for bit (tests/sharded_load_worker.py runs each process)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from clara_jax.interop.safetensors_io import open_checkpoint  # noqa: E402
+from tests import hf_reference as ref  # noqa: E402
+from tests.test_multiprocess import _env, _free_port, _tail  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 300
+
+
+@pytest.mark.slow
+def test_two_processes_each_read_only_their_half(tmp_path):
+    checkpoint = tmp_path / "llama"
+    ref.build_family("llama").to(torch.bfloat16).save_pretrained(checkpoint)
+    port, procs, logs = _free_port(), [], []
+    for pid in range(2):
+        logs.append(open(tmp_path / f"worker{pid}.log", "w+"))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.sharded_load_worker",
+                    str(checkpoint),
+                    str(tmp_path / f"report{pid}.json"),
+                    f"localhost:{port}",
+                    str(pid),
+                ],
+                env=_env(4),
+                cwd=ROOT,
+                stdout=logs[-1],
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    deadline = time.monotonic() + TIMEOUT
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.returncode not in (None, 0) for p in procs):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+    if any(p.returncode != 0 for p in procs):
+        texts = []
+        for i, f in enumerate(logs):
+            f.seek(0)
+            texts.append(f"--- process {i} (exit {procs[i].returncode}) ---\n{_tail(f.read())}")
+        pytest.fail("\n".join(texts))
+
+    reports = [json.loads((tmp_path / f"report{pid}.json").read_text()) for pid in range(2)]
+    assert [r["process"] for r in reports] == [0, 1] and all(r["devices"] == 4 for r in reports)
+    shapes = {key: f.readable_shape(key) for key, f in open_checkpoint(checkpoint).items()}
+    per_process = [defaultdict(int) for _ in reports]
+    slices = [defaultdict(set) for _ in reports]
+    for counts, seen, report in zip(per_process, slices, reports):
+        assert report["reads"], "nothing was read through the sliced reader"
+        for key, index, size in report["reads"]:
+            counts[key] += size
+            seen[key].add(json.dumps(index))
+    for key, shape in shapes.items():
+        size, matrix = math.prod(shape), len(shape) == 2
+        for counts in per_process:
+            # a matrix is split 8 ways, 4 of them on each process; a 1-D tensor is replicated
+            assert counts[key] <= (size // 2 if matrix else size), (
+                f"{key}: a process read more than its share"
+            )
+        if matrix:
+            assert per_process[0][key] + per_process[1][key] == size, f"{key}: not read exactly once in all"
+            assert not slices[0][key] & slices[1][key], f"{key}: both processes read the same slice"
+    for report in reports:
+        assert report["equal"] and all(report["equal"].values()), [
+            k for k, v in report["equal"].items() if not v
+        ]
+        for name, a in report["addressable"].items():  # this process holds 4 of the 8 devices' shards
+            assert a["held"] * a["ways"] == a["size"] * min(4, a["ways"]), name
+            if a["size"] and (a["ndim"] == 3 or "embed" in name or "lm_head" in name):  # matrices, embeddings
+                assert a["ways"] == 8, f"{name}: expected split 8 ways, got {a['ways']}"
