@@ -218,3 +218,49 @@ def test_cache_is_reused_and_rebuilt_when_stale(tmp_path):
 def test_env_cache_root(tmp_path, monkeypatch):
     monkeypatch.setenv("CLARA_JAX_CACHE", str(tmp_path))
     assert mistral_tokenizer_dir() == str(tmp_path / "tokenizers" / "mistral-v1")
+
+
+def _official_encoder_ids(tok, text: str, doc_max_length: int) -> list[int]:
+    """modeling_clara.py `_prepare_encoder_inputs_to_decoder`: one string, one call, cut on the right."""
+    hf = tok.hf
+    string = "<ENC>" + hf.bos_token + text + hf.eos_token
+    return hf([string], max_length=doc_max_length + 3, truncation=True, add_special_tokens=False)[
+        "input_ids"
+    ][0]
+
+
+def _framed_rows(tok, texts, doc_max_length):
+    from clara_jax.data.layouts import encoder_batch
+
+    batch = encoder_batch(tok, texts, doc_max_length, bucket=1)
+    mem = set(tok.mem_token_ids)
+    return [
+        [int(i) for i, m in zip(row, mask) if m and int(i) not in mem]
+        for row, mask in zip(batch.ids, batch.mask)
+    ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param("mistral", marks=needs_mistral), pytest.param("qwen", marks=needs_qwen), "byte_level"],
+)
+def test_encoder_rows_are_the_official_string_tokenized_in_one_call(name, request):
+    """`<ENC>` + bos + text + eos in one call, as the official code does; cut to doc_max_length + 3."""
+    if name == "byte_level":
+        from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
+
+        tok = load_tokenizer(TINY_TOKENIZER_DIR, n_mem=N_MEM)
+    else:
+        tok = request.getfixturevalue(name)
+    texts = list(TEXTS) + [
+        "Hi there, this is a passage that is long enough to be cut at sixteen tokens for sure."
+    ]
+    rows = _framed_rows(tok, texts, doc_max_length=16)
+    assert rows == [_official_encoder_ids(tok, t, 16) for t in texts]
+    if name == "mistral":  # the first word is not word-initial after <ENC><s>: "Hi", not "▁Hi"
+        alone = tok.hf("Hi there", add_special_tokens=False)["input_ids"]
+        framed = _framed_rows(tok, ["Hi there"], 16)[0][2:-1]
+        assert (
+            tok.hf.convert_ids_to_tokens(alone)[0] == "▁Hi"
+            and tok.hf.convert_ids_to_tokens(framed)[0] == "Hi"
+        )

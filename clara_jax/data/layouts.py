@@ -94,7 +94,10 @@ def encoder_batch(
     (`length=doc_max_length + 3` reproduces the official fixed padding); `n_mem` is added to it.
     Queries use this too, with their own short `doc_max_length` (docs/official_code.md §1.5, §8.3).
 
-    The text is tokenized alone and the frame ids are added here, so no BPE merge can cross them.
+    Like the official code, the one string `<ENC>` + bos + text + eos is tokenized in one call: a
+    SentencePiece tokenizer that marks only the string's first word as word-initial (Metaspace
+    `prepend_scheme="first"`, e.g. Mistral's) then reads the text's first word as the official code
+    does ("Hi", not "▁Hi"). The frame tokens are special, so no merge crosses them.
     """
     clara_ids = _clara_ids(tok)
     if not texts:
@@ -105,12 +108,18 @@ def encoder_batch(
     if length is not None and length < cap:
         raise ValueError(f"length={length} cannot hold doc_max_length + 3 = {cap} tokens")
 
-    encoded = tok.hf(list(texts), add_special_tokens=False)["input_ids"]
+    hf = tok.hf
+    enc, bos, eos = hf.convert_ids_to_tokens([tok.enc_id, tok.bos_id, tok.eos_id])
+    encoded = hf([enc + bos + text + eos for text in texts], add_special_tokens=False)["input_ids"]
     parts, truncated = [], np.zeros(len(texts), dtype=bool)
-    for r, tokens in enumerate(encoded):
-        if np.isin(tokens, clara_ids).any():
+    for r, part in enumerate(encoded):
+        if part[:2] != [tok.enc_id, tok.bos_id] or part[-1] != tok.eos_id:
+            raise ValueError(
+                f"the tokenizer did not keep {enc!r}, {bos!r} and {eos!r} as single special tokens "
+                f"(got ids {part[:2]} … {part[-1:]}): the <ENC>/bos/eos frame cannot be built"
+            )
+        if np.isin(part[2:-1], clara_ids).any():
             raise ValueError(f"text {r} contains a CLaRa special token (<MEM*>, <AE>, <ENC> or <SEP>)")
-        part = [tok.enc_id, tok.bos_id, *tokens, tok.eos_id]
         truncated[r] = len(part) > cap
         parts.append(part[:cap])
 
