@@ -62,7 +62,9 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.clara.topk_mask_mode = "exact"  # "official" reproduces the release's log(mask + 1e-8)
     c.clara.gumbel = False
     c.clara.straight_through = True  # False cuts the top-k's gradient path (the stage-3 control run)
-    c.clara.query_max_length = 64  # queries are padded to their own short length (official: 1027)
+    # the official training limit (1027 tokens with <ENC><s>…</s>); a batch is padded to its own
+    # bucketed length, so short questions stay short, and every cut is counted and logged
+    c.clara.query_max_length = 1024
     c.clara.generator_max_length = 2048
 
     c.data = ml_collections.ConfigDict()

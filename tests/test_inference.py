@@ -185,3 +185,15 @@ def test_data_parallel_over_local_devices_equals_one_device(saved):
     assert parallel.generate_from_text(
         ["Who?", "Where?"], [DOCS[:2], DOCS[2:4]], max_new_tokens=5
     ) == single.generate_from_text(["Who?", "Where?"], [DOCS[:2], DOCS[2:4]], max_new_tokens=5)
+
+
+def test_questions_are_cut_only_beyond_the_official_inference_limit(saved, caplog):
+    """Official inference frames a question like a document (doc_max_length + 3 tokens); a cut is logged."""
+    tok, model, clara, _ = saved
+    inference = ClaraInference(tok, model, clara, batch_size=2, data_parallel=False)
+    assert inference.query_max_length == clara.doc_max_length == 32
+    with caplog.at_level("WARNING", logger="clara_jax.inference.clara_model"):
+        inference.encode_queries(["Where does Fato live?"])
+        assert not caplog.records
+        inference.encode_queries(["Where does Fato live?", "Why " * 60 + "?"])
+    assert [r.getMessage() for r in caplog.records] == ["queries: 1 of 2 texts cut to 32 tokens"]

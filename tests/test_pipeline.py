@@ -106,3 +106,20 @@ def test_stage2_and_stage3_layouts(tok):
     assert (b3["positives"].sum(-1) == 1).all() and not (b3["positives"] & ~b3["cand_valid"]).any()
     assert b3["query_ids"].shape[-1] < b3["enc_ids"].shape[-1]  # queries use their own short length
     assert ((b3["gen_ids"] == tok.sep_id).sum(-1) == 2).all()  # top-k slots in the prompt
+
+
+def test_questions_are_bucketed_short_and_every_cut_is_counted(tok):
+    """Questions pad to their batch's bucketed length; only one beyond query_max_length is cut, and counted."""
+    from clara_jax.data.pipeline import tokenize_retrieval
+
+    long_question = "Which " + "very " * 40 + "long river is it?"
+    records = [
+        RetrievalRecord(q, "A", ("A",), tuple(f"passage {i}.{j}" for j in range(4)), (0,))
+        for i, q in enumerate(["Short?", "Also short?", long_question, "Q?"])
+    ]
+    arrays, stats = tokenize_retrieval(tok, records[:2] + records[3:], LAYOUT)
+    assert stats.queries == 3 and stats.queries_truncated == 0
+    assert arrays["query_ids"].shape[-1] == LAYOUT.bucket + tok.n_mem  # short: one bucket, not the cap
+    arrays, stats = tokenize_retrieval(tok, records, LAYOUT)
+    assert stats.queries == 4 and stats.queries_truncated == 1
+    assert arrays["query_ids"].shape[-1] == LAYOUT.query_max_length + 3 + tok.n_mem  # the cap

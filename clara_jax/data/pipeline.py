@@ -65,6 +65,8 @@ class TokenStats:
     docs: int = 0
     docs_truncated: int = 0
     targets_truncated: int = 0
+    queries: int = 0
+    queries_truncated: int = 0
 
     def add(self, other: TokenStats) -> None:
         for f in dataclasses.fields(self):
@@ -144,7 +146,14 @@ def tokenize_retrieval(
     else:
         memory, truncated = candidate_memory(docs)
         arrays["cand_memory"] = memory.reshape(len(records), n, *memory.shape[1:])
-    stats = TokenStats(len(records), len(docs), int(truncated[valid.reshape(-1)].sum()), gen_truncated)
+    stats = TokenStats(
+        len(records),
+        len(docs),
+        int(truncated[valid.reshape(-1)].sum()),
+        gen_truncated,
+        queries=len(records),
+        queries_truncated=queries.n_truncated,
+    )
     return arrays, stats
 
 

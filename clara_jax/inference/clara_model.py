@@ -11,6 +11,7 @@ size, so a stream of requests reuses a handful of compiled programs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import jax
@@ -28,6 +29,8 @@ from clara_jax.model.clara import ClaraConfig, compress, encode_query, splice
 from clara_jax.model.decoder import Decoder
 from clara_jax.model.topk import cosine_scores
 
+log = logging.getLogger(__name__)
+
 
 class ClaraInference:
     def __init__(
@@ -38,12 +41,14 @@ class ClaraInference:
         *,
         batch_size: int = 8,
         bucket: int = 32,
-        query_max_length: int = 64,
+        query_max_length: int | None = None,
         data_parallel: bool = True,
         progress: bool = False,
     ):
         self.tok, self.model, self.clara = tokenizer, model, clara
-        self.bucket, self.query_max_length, self.progress = bucket, query_max_length, progress
+        # official inference frames a question like a document: at most doc_max_length tokens
+        self.query_max_length = query_max_length or clara.doc_max_length
+        self.bucket, self.progress = bucket, progress
         self._rows = None
         if data_parallel:  # weights replicated once, each batch split over this process's devices
             self.model, self._rows, batch_size = replicate_over_local_devices(model, batch_size)
@@ -65,13 +70,16 @@ class ClaraInference:
 
     # ------------------------------------------------------------------ encoders
     def _batched(self, texts: Sequence[str], fn, max_length: int, what: str) -> np.ndarray:
-        out = []
+        out, cut = [], 0
         for start in self._chunks(len(texts), what):
             chunk = list(texts[start : start + self.batch_size])
             real = len(chunk)
             chunk += [chunk[-1]] * (self.batch_size - real)  # fixed batch shape: no recompiles
             enc = encoder_rows(self.tok, chunk, max_length, self.bucket)
+            cut += int(enc.truncated[:real].sum())
             out.append(np.asarray(fn(self.model, self._put(enc.ids), self._put(enc.mask)))[:real])
+        if cut:
+            log.warning("%s: %d of %d texts cut to %d tokens", what, cut, len(texts), max_length)
         return np.concatenate(out)
 
     def compress_documents(self, documents: Sequence[str]) -> np.ndarray:
@@ -79,7 +87,7 @@ class ClaraInference:
         return self._batched(documents, self._compress, self.clara.doc_max_length, "compress")
 
     def encode_queries(self, questions: Sequence[str]) -> np.ndarray:
-        """[n, n_mem·D] query-reasoner vectors (queries padded to their own short length)."""
+        """[n, n_mem·D] query-reasoner vectors (a batch of questions padded to its own length)."""
         return self._batched(questions, self._query, self.query_max_length, "queries")
 
     # ------------------------------------------------------------------ generation
@@ -201,10 +209,9 @@ class ClaraInference:
 
 def load_inference(model_dir: str, **kw) -> ClaraInference:
     """A ready `ClaraInference` (the official-style API) from a saved model directory, with the
-    query length and padding bucket the model was trained with (unless overridden in `kw`)."""
+    padding bucket the model was trained with (unless overridden in `kw`)."""
     tok, model, clara = load_clara_model(model_dir)
     run = read_model_meta(model_dir_path(model_dir)).get("run_config") or {}
     if run:
-        kw.setdefault("query_max_length", run["clara"]["query_max_length"])
         kw.setdefault("bucket", run["data"]["bucket"])
     return ClaraInference(tok, model, clara, **kw)

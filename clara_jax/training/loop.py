@@ -413,10 +413,17 @@ def run_training(
             write=is_main,
         )
     barrier("run_training end")  # nobody returns before process 0 has finished writing
-    if batches.stats.docs_truncated:
-        log.info(
-            "documents truncated to doc_max_length: %d of %d",
-            batches.stats.docs_truncated,
-            batches.stats.docs,
-        )
+    stats = batches.stats
+    for what, cut, of, limit in (
+        ("documents", stats.docs_truncated, stats.docs, "clara.doc_max_length"),
+        ("questions", stats.queries_truncated, stats.queries, "clara.query_max_length"),
+        (
+            "generator prompts + targets",
+            stats.targets_truncated,
+            stats.examples,
+            "clara.generator_max_length",
+        ),
+    ):
+        if cut:
+            log.warning("%s truncated to %s: %d of %d", what, limit, cut, of)
     return RunSummary(workdir, stage, start_step, step, preempted, final_metrics, plots)
