@@ -61,6 +61,9 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.clara.temperature = 0.02
     c.clara.topk_mask_mode = "exact"  # "official" reproduces the release's log(mask + 1e-8)
     c.clara.gumbel = False
+    # stage 3: compress candidates with the compressor's LoRA dropout on, as the official trainer
+    # does; off (the default) they are deterministic, and data.cache_candidates can reuse them
+    c.clara.candidate_dropout = False
     c.clara.straight_through = True  # False cuts the top-k's gradient path (the stage-3 control run)
     # the official training limit (1027 tokens with <ENC><s>…</s>); a batch is padded to its own
     # bucketed length, so short questions stay short, and every cut is counted and logged

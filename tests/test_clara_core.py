@@ -282,3 +282,32 @@ def test_simple_synthetic_task_loss_falls():
         losses.append(float(metrics["ce"]))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.75 * first, (first, last)
+
+
+@pytest.mark.slow
+def test_candidate_dropout_is_the_official_switch_and_stays_off_the_default_path():
+    """candidate_dropout compresses candidates with LoRA dropout (official train mode, no gradient);
+    the default path is deterministic and draws the same keys as before the switch existed."""
+    from clara_jax.training.objectives import candidate_memory
+
+    model, cfg, batch = fx.tiny_clara(dropout=0.3), fx.clara_config(), fx.stage3_batch()
+    plain = candidate_memory(model, batch, cfg)
+    dropped = [candidate_memory(model, batch, cfg, dropout_rng=jax.random.key(s)) for s in (1, 2)]
+    assert not np.allclose(dropped[0], plain) and not np.allclose(dropped[0], dropped[1])
+    loss = {
+        flag: retrieval_loss(model, batch, cfg, jax.random.key(0), candidate_dropout=flag)[0]
+        for flag in (False, True)
+    }
+    assert float(loss[False]) != float(loss[True])
+    assert float(loss[False]) == float(retrieval_loss(model, batch, cfg, jax.random.key(0))[0])
+    grads = _grads(
+        model,
+        lambda m: retrieval_loss(m, batch, cfg, jax.random.key(0), candidate_dropout=True),
+        ROLES,
+        embed_rows=False,
+    )
+    assert _max_abs(grads["adapters"]["compressor"]) == 0.0  # still frozen, dropout or not
+    assert _max_abs(grads["adapters"]["query_reasoner"]) > 1e-6
+    cached = {**batch, "cand_memory": plain}
+    with pytest.raises(ValueError, match="cached candidates"):
+        candidate_memory(model, cached, cfg, dropout_rng=jax.random.key(1))

@@ -158,3 +158,16 @@ def test_stage_chain_accepts_one_base_named_two_ways(tmp_path, monkeypatch):
     moved = load_config(f"{CONFIGS[1]}:tiny", [f"--config.model.path={other}"])
     with pytest.raises(ValueError, match=r"model\.path: this run has .*other"):
         check_chain(moved, stage1, "stage1 run")
+
+
+def test_candidate_dropout_rules_out_the_candidate_cache():
+    """The official switch compresses candidates with dropout: nothing stays the same to cache."""
+    with pytest.raises(
+        ConfigError, match="data.cache_candidates = True: expected false with clara.candidate_dropout"
+    ):
+        load_config(f"{CONFIGS[2]}:tiny", ["--config.clara.candidate_dropout=true"])
+    config = load_config(
+        f"{CONFIGS[2]}:tiny",
+        ["--config.clara.candidate_dropout=true", "--config.data.cache_candidates=false"],
+    )
+    assert config.clara.candidate_dropout and not config.data.cache_candidates

@@ -325,6 +325,7 @@ def compile_stage(
         seed=config.seed,
         gumbel=config.clara.gumbel,
         straight_through=config.clara.straight_through,
+        candidate_dropout=config.clara.candidate_dropout,
     )
     step, state, frozen = program.step, program.abstract_state, program.frozen
     batch_spec = logical_to_spec(("batch",), rules, mesh)[0]

@@ -273,6 +273,7 @@ def run_training(
         seed=config.seed,
         gumbel=config.clara.gumbel,
         straight_through=config.clara.straight_through,
+        candidate_dropout=config.clara.candidate_dropout,
         rules=parse_rules(config.sharding_rules),
     ).start()
     del first

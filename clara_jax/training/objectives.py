@@ -70,13 +70,17 @@ def compression_loss(model, batch, cfg: ClaraConfig, rng, *, docs_per_example: i
     return loss, {"loss": loss, "ce": ce, "mse": mse, "token_accuracy": acc, "target_tokens": n_tokens}
 
 
-def candidate_memory(model, batch, cfg: ClaraConfig):
-    """[B, N, n_mem, D] candidate vectors from the frozen compressor (no dropout, no gradient),
-    or the cached ones when the batch carries them."""
+def candidate_memory(model, batch, cfg: ClaraConfig, dropout_rng=None):
+    """[B, N, n_mem, D] candidate vectors from the frozen compressor (no gradient), or the cached
+    ones when the batch carries them. With `dropout_rng` the compressor's LoRA dropout is on, as in
+    the official trainer (train mode under no_grad); without it the vectors are deterministic,
+    which is what lets them be cached."""
     if "cand_memory" in batch:
+        if dropout_rng is not None:
+            raise ValueError("cached candidates cannot be compressed with dropout")
         return jax.lax.stop_gradient(batch["cand_memory"])
     b, n = batch["cand_valid"].shape
-    memory, _ = compress(model, batch["enc_ids"], batch["enc_mask"], cfg.n_mem)
+    memory, _ = compress(model, batch["enc_ids"], batch["enc_mask"], cfg.n_mem, dropout_rng=dropout_rng)
     return jax.lax.stop_gradient(memory.reshape(b, n, cfg.n_mem, memory.shape[-1]))
 
 
@@ -89,17 +93,21 @@ def retrieval_loss(
     train: bool = True,
     gumbel: bool = False,
     straight_through: bool = True,
+    candidate_dropout: bool = False,
 ):
     """Stage 3: query reasoner -> cosine scores -> straight-through top-k -> generator CE.
 
     The compressor is frozen: the only path from the loss to the query reasoner is the top-k
     weights W, exactly as in CLaRa's Algorithm 1. `straight_through=False` cuts that path (the
     forward is unchanged): the control run of the stage-3 experiment, in which the query
-    reasoner receives no gradient at all.
+    reasoner receives no gradient at all. `candidate_dropout` compresses the candidates with the
+    compressor's LoRA dropout on (the official behaviour; it rules out the candidate cache).
     """
     rng_q, rng_g, rng_t = jax.random.split(rng, 3) if train else (None, None, None)
     query = encode_query(model, batch["query_ids"], batch["query_mask"], cfg.n_mem, dropout_rng=rng_q)
-    memory = candidate_memory(model, batch, cfg)
+    # a key of its own, so the default (deterministic) path draws exactly the keys it always did
+    rng_c = jax.random.fold_in(rng, 3) if train and candidate_dropout else None
+    memory = candidate_memory(model, batch, cfg, dropout_rng=rng_c)
     b, n = memory.shape[:2]
     scores = cosine_scores(query, memory.reshape(b, n, -1))
     weights, indices = differentiable_topk(
@@ -137,11 +145,18 @@ def stage_loss_fn(
     docs_per_example: int = 1,
     gumbel: bool = False,
     straight_through: bool = True,
+    candidate_dropout: bool = False,
 ):
     """The loss function `(model, batch, rng) -> (loss, metrics)` of a stage."""
     if get_stage(stage).retrieval:
         return lambda model, batch, rng: retrieval_loss(
-            model, batch, cfg, rng, gumbel=gumbel, straight_through=straight_through
+            model,
+            batch,
+            cfg,
+            rng,
+            gumbel=gumbel,
+            straight_through=straight_through,
+            candidate_dropout=candidate_dropout,
         )
     return lambda model, batch, rng: compression_loss(
         model, batch, cfg, rng, docs_per_example=docs_per_example

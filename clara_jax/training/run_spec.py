@@ -286,5 +286,12 @@ def _run_checks(c, stage: Stage | None) -> list[Check]:
                 "a file with pos_index when data.eval_every > 0 (the dev questions to rank)",
             ),
             ("clara.mse_weight", k.mse_weight, k.mse_weight == 0, "0 in stage 3 (the compressor is frozen)"),
+            (
+                "data.cache_candidates",
+                d.cache_candidates,
+                not (k.candidate_dropout and d.cache_candidates),
+                "false with clara.candidate_dropout = true (dropout compresses a candidate differently "
+                "in every step, so there is nothing to cache)",
+            ),
         ]
     return checks

@@ -102,6 +102,7 @@ def stage_program(
     seed: int = 0,
     gumbel: bool = False,
     straight_through: bool = True,
+    candidate_dropout: bool = False,
 ) -> StageProgram:
     """Split `model` (concrete or `nnx.eval_shape`d) for `spec`, resolve every sharding from `rules`
     (the batch rows too, by the "batch" rule) and jit the step; nothing is placed or run.
@@ -123,6 +124,7 @@ def stage_program(
         docs_per_example=spec.docs_per_example,
         gumbel=gumbel,
         straight_through=straight_through,
+        candidate_dropout=candidate_dropout,
     )
     # one device has nothing to pin: its program stays free of constraint ops
     constrain = activation_constraint(mesh, rules) if mesh.size > 1 else None
