@@ -1,8 +1,8 @@
 """The package's import contract, read from the source (lazy imports inside functions included):
 modules import each other without cycles, and packages import only their own layer or lower ones.
 
-Layers, lowest first. `interop` and `inference` still share a layer: the model directory format
-(interop/model_dir.py) is built on interop.hf and read by interop.official / interop.peft."""
+Layers, lowest first. The on-disk format of a trained model (interop/model_dir.py) sits in `interop`,
+below both `inference` and `training`, which read and write it."""
 
 from __future__ import annotations
 
