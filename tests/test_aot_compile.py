@@ -70,7 +70,7 @@ def test_the_7b_model_and_batch_are_shapes_only():
     config.data.cache_candidates = False  # re-compressed in the step instead
     batch = abstract_batch(config, clara.n_mem)
     assert batch["enc_ids"].shape == (32 // micro, micro * 20, 256 + 3 + 8) and "cand_memory" not in batch
-    assert batch["query_ids"].shape == (32 // micro, micro, 64 + 3 + 8)
+    assert batch["query_ids"].shape == (32 // micro, micro, 1024 + 3 + 8)  # the official query limit
     assert batch["gen_ids"].shape == (32 // micro, micro, 1024)
     assert batch["cand_valid"].dtype == jax.numpy.bool_
 
