@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from clara_jax.file_io import write_bytes_atomic
+from clara_jax.file_io import read_json_lines, write_bytes_atomic
 
 # Stage-3 numbers that explain the recall curve (clara_jax/training/retrieval_diagnostics.py).
 RETRIEVAL_DIAGNOSTICS = ("score_std", "topk_gap", "topk_entropy", "gold_outside_topk")
@@ -55,8 +55,7 @@ class MetricsWriter:
 def read_history(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_json_lines(path)
 
 
 def truncate_history(path: str, last_step: int) -> None:
