@@ -97,9 +97,12 @@ def stage_overrides(data_dir: str, base_dir: str, scale: float, seed: int = 0) -
 
 def _evaluate(built_tok, model, clara, records, reader_check: bool = False):
     inference = ClaraInference(built_tok, model, clara, batch_size=25, query_max_length=24)
-    scores = evaluate_retrieval_qa(inference, records, k=clara.top_k, max_new_tokens=12)["scores"]
+    result = evaluate_retrieval_qa(inference, records, k=clara.top_k, max_new_tokens=12)
+    scores = result["scores"]
     if reader_check:  # does the generator read? (the answers with and without the gold passages)
-        ablation = evaluate_gold_ablation(inference, records, k=clara.top_k, max_new_tokens=12)
+        ablation = evaluate_gold_ablation(
+            inference, records, k=clara.top_k, max_new_tokens=12, memory=result["memory"]
+        )
         scores.update({f"em_{name}": s["em"] for name, s in ablation["scores"].items()})
     return scores
 

@@ -31,7 +31,7 @@ def evaluate_retrieval_qa(
     )
     scores = retrieval_scores(topk.tolist(), [list(r.pos_index) for r in records], ks=ks)
     scores.update(qa_scores(answers, [list(r.answers) for r in records]))
-    return {"scores": scores, "answers": answers, "topk": topk}
+    return {"scores": scores, "answers": answers, "topk": topk, "memory": memory}
 
 
 def evaluate_given_documents(
@@ -48,30 +48,53 @@ def evaluate_given_documents(
 
 
 def evaluate_gold_ablation(
-    clara: ClaraInference, records: Sequence, *, k: int = 5, max_new_tokens: int = 32, seed: int = 0
+    clara: ClaraInference,
+    records: Sequence,
+    *,
+    k: int = 5,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    memory: np.ndarray | None = None,
 ) -> dict:
     """Does the generator read its documents? It answers each question twice from k compressed
     candidates: once with every gold passage among them (the rest non-gold, shuffled), once with
     none. Equal scores mean the answers come from the question alone, and then stage 3's LM loss
-    carries almost no signal about which passages to retrieve."""
-    usable = [r for r in records if r.pos_index and len(r.docs) - len(set(r.pos_index)) >= k]
+    carries almost no signal about which passages to retrieve.
+
+    `memory` [B, N, n_mem, D]: every candidate of `records` already compressed (as
+    `evaluate_retrieval_qa` returns it), so none is compressed again; without it, each passage the
+    two runs read is compressed once."""
+    rng = np.random.default_rng(seed)
+    usable, slots = [], {"with_gold": [], "without_gold": []}
+    for i, r in enumerate(records):
+        gold = sorted(set(r.pos_index))
+        others = [j for j in range(len(r.docs)) if j not in gold]
+        if not gold or len(others) < k:
+            continue
+        picked = gold[:k] + others[: k - len(gold[:k])]
+        rng.shuffle(picked)
+        usable.append(i)
+        slots["with_gold"].append(picked)
+        slots["without_gold"].append(others[:k])
     if not usable:
         raise ValueError(f"no record has gold passages (pos_index) and at least {k} non-gold candidates")
-    rng = np.random.default_rng(seed)
-    with_gold, without_gold = [], []
-    for r in usable:
-        gold = sorted(set(r.pos_index))[:k]
-        others = [i for i in range(len(r.docs)) if i not in set(r.pos_index)]
-        picked = gold + others[: k - len(gold)]
-        rng.shuffle(picked)
-        with_gold.extend(r.docs[i] for i in picked)
-        without_gold.extend(r.docs[i] for i in others[:k])
-    questions = [r.question for r in usable]
-    golds = [list(r.answers) for r in usable]
+    if memory is None:
+        needed = sorted({(i, j) for rows in slots.values() for i, js in zip(usable, rows) for j in js})
+        vectors = dict(zip(needed, clara.compress_documents([records[i].docs[j] for i, j in needed])))
+    else:
+        width = max(len(r.docs) for r in records)
+        if memory.shape[:2] != (len(records), width):
+            raise ValueError(
+                f"memory {memory.shape[:2]} does not hold the {len(records)} x {width} candidates"
+            )
+        vectors = {(i, j): memory[i, j] for rows in slots.values() for i, js in zip(usable, rows) for j in js}
+    questions = [records[i].question for i in usable]
+    golds = [list(records[i].answers) for i in usable]
     scores = {}
-    for name, docs in (("with_gold", with_gold), ("without_gold", without_gold)):
+    for name, rows in slots.items():
+        selected = np.stack([vectors[i, j] for i, js in zip(usable, rows) for j in js])
         answers = clara.generate_from_compressed_documents_and_questions(
-            questions, clara.compress_documents(docs), max_new_tokens=max_new_tokens
+            questions, selected, max_new_tokens=max_new_tokens
         )
         scores[name] = qa_scores(answers, golds)
     return {"scores": scores, "n": len(usable)}
