@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clara_jax.data.pipeline import LayoutConfig, to_micro_steps, tokenize_compression, tokenize_retrieval
+from clara_jax.data.pipeline import to_micro_steps, tokenize_compression, tokenize_retrieval
 from clara_jax.data.records import InstructionRecord, RetrievalRecord
 from clara_jax.data.synthetic import (
     ATTRIBUTE_KINDS,
@@ -69,6 +69,7 @@ from clara_jax.training.build import build_model
 from clara_jax.training.config import load_config
 from clara_jax.training.dev_retrieval import DevRetrieval
 from clara_jax.training.optimizer import OptimizerConfig
+from clara_jax.training.run_spec import layout_config
 from clara_jax.training.stages import StageSpec, stage_program, stage_spec
 
 
@@ -169,17 +170,6 @@ def _config(cfg: ControlledConfig, stage: str):
     )
 
 
-def _layout(config, **kw) -> LayoutConfig:
-    c = config.clara
-    return LayoutConfig(
-        doc_max_length=c.doc_max_length,
-        query_max_length=c.query_max_length,
-        generator_max_length=c.generator_max_length,
-        bucket=config.data.bucket,
-        **kw,
-    )
-
-
 def _put(arrays: dict, shardings) -> dict:
     return jax.device_put({k: jnp.asarray(v) for k, v in arrays.items()}, shardings)
 
@@ -198,7 +188,7 @@ def train_reader(cfg: ControlledConfig, episodes: Episodes, mesh, log=print):
     config = _config(cfg, "stage2")
     built = build_model(config)
     built.model.lm_head[...] = built.model.lm_head[...] * cfg.lm_head_scale
-    layout = _layout(config, docs_per_example=cfg.top_k)
+    layout = dataclasses.replace(layout_config(config), docs_per_example=cfg.top_k)
     rng = np.random.default_rng([cfg.seed, 1])
 
     def batch():
@@ -247,7 +237,7 @@ def reader_exact_match(built, model, records, k: int, seed: int = 0) -> dict:
 
 def _stage3_batches(cfg: ControlledConfig, episodes: Episodes, tok, config, seed: int):
     """An endless, seeded stream of stage-3 batches (candidates re-compressed in the step)."""
-    layout = _layout(config, top_k=cfg.top_k, candidates=cfg.train_candidates)
+    layout = dataclasses.replace(layout_config(config), top_k=cfg.top_k, candidates=cfg.train_candidates)
     rng = np.random.default_rng([seed, 2])
     per = {"enc_ids": cfg.train_candidates, "enc_mask": cfg.train_candidates}
     while True:
