@@ -6,13 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
@@ -20,52 +15,27 @@ torch = pytest.importorskip("torch")
 
 from clara_jax.interop.safetensors_io import open_checkpoint  # noqa: E402
 from tests import hf_reference as ref  # noqa: E402
-from tests.test_multiprocess import _env, _free_port, _tail  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 300
+from tests.test_multiprocess import _env, _free_port, _run_processes  # noqa: E402
 
 
 @pytest.mark.slow
 def test_two_processes_each_read_only_their_half(tmp_path):
     checkpoint = tmp_path / "llama"
     ref.build_family("llama").to(torch.bfloat16).save_pretrained(checkpoint)
-    port, procs, logs = _free_port(), [], []
-    for pid in range(2):
-        logs.append(open(tmp_path / f"worker{pid}.log", "w+"))
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.sharded_load_worker",
-                    str(checkpoint),
-                    str(tmp_path / f"report{pid}.json"),
-                    f"localhost:{port}",
-                    str(pid),
-                ],
-                env=_env(4),
-                cwd=ROOT,
-                stdout=logs[-1],
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-    deadline = time.monotonic() + TIMEOUT
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        if any(p.returncode not in (None, 0) for p in procs):
-            break
-        time.sleep(0.2)
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=30)
-    if any(p.returncode != 0 for p in procs):
-        texts = []
-        for i, f in enumerate(logs):
-            f.seek(0)
-            texts.append(f"--- process {i} (exit {procs[i].returncode}) ---\n{_tail(f.read())}")
-        pytest.fail("\n".join(texts))
+    port = _free_port()
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "tests.sharded_load_worker",
+            str(checkpoint),
+            str(tmp_path / f"report{pid}.json"),
+            f"localhost:{port}",
+            str(pid),
+        ]
+        for pid in range(2)
+    ]
+    _run_processes(commands, [_env(4)] * 2, tmp_path / "workers")  # bounded; fails with both logs
 
     reports = [json.loads((tmp_path / f"report{pid}.json").read_text()) for pid in range(2)]
     assert [r["process"] for r in reports] == [0, 1] and all(r["devices"] == 4 for r in reports)
