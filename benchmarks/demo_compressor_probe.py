@@ -38,7 +38,7 @@ def _words(text: str) -> set[str]:
 
 
 def paraphrase_fidelity(inference: ClaraInference, passages: list[str]) -> dict:
-    out = inference.generate_from_paraphrase(passages, max_new_tokens=48)
+    out = inference.generate_from_paraphrase([""] * len(passages), [[p] for p in passages], 48, rng=0)
     values = names = total = 0
     for passage, text in zip(passages, out):
         name = passage.split()[0]
@@ -52,7 +52,7 @@ def paraphrase_fidelity(inference: ClaraInference, passages: list[str]) -> dict:
 
 def sensitivity(inference: ClaraInference) -> dict:
     changed = [_PASSAGE.replace(a, b) for a, b in _CHANGES.values()]
-    memory = inference.compress_documents([_PASSAGE, *changed])
+    memory, _ = inference.compress_documents([_PASSAGE, *changed])
     ref = np.linalg.norm(memory[0], axis=-1)
     return {
         kind: [round(float(x), 2) for x in np.linalg.norm(m - memory[0], axis=-1) / ref]

@@ -195,7 +195,7 @@ def evaluate_rate(args, model_dir, questions, golds, owners, passages, sets, gol
     rate = clara_cfg.compression_rate
 
     start = time.perf_counter()
-    memory = clara.compress_documents(passages)  # each test passage once: [P, n_mem, D]
+    memory, _ = clara.compress_documents(passages)  # each test passage once: [P, n_mem, D]
     timing["compress_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

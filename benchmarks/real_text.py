@@ -215,7 +215,7 @@ def evaluate_model(
     if reuse is not None and all(np.array_equal(a, b) for a, b in zip(weights, reuse[0])):
         memory = reuse[1]
     else:
-        memory = clara.compress_documents(passages)
+        memory, _ = clara.compress_documents(passages)
     timing["compress_s"] = time.perf_counter() - start
 
     questions = [r.question for r in test]

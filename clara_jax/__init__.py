@@ -23,6 +23,7 @@ _EXPORTS = {
     "load_tokenizer": "clara_jax.data.tokenizer",
     "differentiable_topk": "clara_jax.model.topk",
     "cosine_scores": "clara_jax.model.topk",
+    "retrieval_scores": "clara_jax.model.topk",
     "STAGES": "clara_jax.model.stage_registry",
     "load_config": "clara_jax.training.config",
     "build_model": "clara_jax.training.build",

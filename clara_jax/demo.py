@@ -22,7 +22,7 @@ from clara_jax.data.sources import read_records
 from clara_jax.data.synthetic import SyntheticCorpusConfig, chance_recall, write_corpus
 from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
 from clara_jax.data.tokenizer import load_tokenizer
-from clara_jax.file_io import read_json_lines
+from clara_jax.formats.jsonl import read_json_lines
 from clara_jax.inference.clara_model import ClaraInference
 from clara_jax.inference.evaluate import evaluate_gold_ablation, evaluate_retrieval_qa
 from clara_jax.interop.model_dir import load_clara_model

@@ -1,5 +1,5 @@
-"""The package's shared file helpers: the cache root, sha256 of a file, plain JSON-lines reading,
-and writes a crash cannot tear (a file, or a whole directory, is there complete or not at all).
+"""The package's shared file helpers: the cache root, sha256 of a file, and writes a crash cannot
+tear (a file, or a whole directory, is there complete or not at all).
 
 A file is written beside its target under a hidden temporary name, fsynced, renamed over the
 target, and then its directory is fsynced so that the rename itself survives a power cut.
@@ -42,13 +42,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def read_json_lines(path: str | os.PathLike) -> list[dict]:
-    """Every non-blank line of a JSONL file we wrote ourselves, parsed. Files from users go
-    through `clara_jax.data.sources`, which checks every record and says where a bad one is."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -57,9 +57,19 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.clara.compression_rate = 32
     c.clara.mse_weight = 0.1
     c.clara.docs_per_example = 1  # documents spliced per example in stages 1 and 2
+    # the <MEM*> rows train in stage 1 only, as in the official release; true trains them in stage 2
+    # too (stage 3 always keeps them frozen, so its compressor and any index stay exact)
+    c.clara.stage2_trains_mem_rows = False
     c.clara.top_k = 5  # stage 3: documents selected out of the candidates
     c.clara.temperature = 0.02
     c.clara.topk_mask_mode = "exact"  # "official" reproduces the release's log(mask + 1e-8)
+    # stage 3: "cosine" (the paper) or "dot", the official MIPS branch's raw inner product (the
+    # official dot branch trains at temperature 1: set clara.temperature = 1.0 to reproduce it)
+    c.clara.retrieval_score = "cosine"
+    # stage 3: "lm" (the paper: generator CE through the top-k), "infonce" (the supervised-retriever
+    # baseline on pos_index, the paper's "Sup-" rows) or "lm+infonce" (CE + infonce_weight · InfoNCE)
+    c.clara.retrieval_loss = "lm"
+    c.clara.infonce_weight = 1.0
     c.clara.gumbel = False
     # stage 3: compress candidates with the compressor's LoRA dropout on, as the official trainer
     # does; off (the default) they are deterministic, and data.cache_candidates can reuse them

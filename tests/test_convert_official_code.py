@@ -80,7 +80,7 @@ def check_against_official(fixture: Path, base: Path, out_root: Path) -> dict:
         assert ids == official["generator_input_ids"]
 
         clara_api = ClaraInference(tok, model, clara, data_parallel=False, batch_size=4)
-        compressed = clara_api.compress_documents(docs)
+        compressed, _ = clara_api.compress_documents(docs)
         _within_tol(measured, f"{stage}/compressed", compressed, arrays[f"{stage}/compressed"])
 
         ids = jnp.asarray([ids])
@@ -109,7 +109,7 @@ def check_against_official(fixture: Path, base: Path, out_root: Path) -> dict:
             queries = clara_api.encode_queries(inputs["queries"])
             _within_tol(measured, f"{stage}/query_vectors", queries, arrays[f"{stage}/query_vectors"])
             answers, topk = clara_api.generate_from_questions(
-                [question], [docs], k=k, max_new_tokens=inputs["max_new_tokens"]
+                [question], inputs["max_new_tokens"], documents=[docs], k=k
             )
             assert topk.tolist() == official["reranked_topk"]
             assert answers == [official["reranked_answer"].strip()]

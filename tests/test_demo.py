@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from clara_jax.demo import format_results, run_demo
 
@@ -31,3 +32,9 @@ def test_demo_runs_all_stages_and_reports(tmp_path):
     # stage 3 started from stage 2, which started from stage 1
     meta3 = json.load(open(tmp_path / "stage3" / "config.json"))
     assert meta3["init_from"].endswith("stage2")
+    # the <MEM*> rows train in stage 1 only: stage 2 holds them and passes them on to stage 3
+    rows = [
+        load_file(str(tmp_path / s / "model" / "embed_rows.safetensors"))["rows"]
+        for s in ("stage1", "stage2", "stage3")
+    ]
+    assert rows[0].any() and all(np.array_equal(rows[0], r) for r in rows[1:])

@@ -95,7 +95,7 @@ def setup(tmp_path_factory):
     corpus = _write_jsonl(root / "corpus.jsonl", rows)
     tok, model, clara = load_clara_model(model_dir)
     inference = ClaraInference(tok, model, clara, batch_size=BATCH)
-    direct = inference.compress_documents(_texts(rows))
+    direct, _ = inference.compress_documents(_texts(rows))
     ref = str(root / "ref")
     manifest = export_corpus(model_dir, corpus, ref, shard_size=SHARD, batch_size=BATCH, progress=False)
     return dict(
@@ -405,7 +405,7 @@ def test_generate_from_index_answers_from_stored_vectors(setup):
     assert len(answers) == 2 and all(len(r) == 2 for r in ids) and scores.shape == (2, 2)
     stored = index.embeddings(ids)
     texts = dict(zip([r["id"] for r in _corpus_records()], _texts(_corpus_records()), strict=True))
-    direct = inference.compress_documents([texts[d] for row in ids for d in row]).reshape(stored.shape)
+    direct = inference.compress_documents([texts[d] for row in ids for d in row])[0].reshape(stored.shape)
     np.testing.assert_allclose(stored, direct, atol=1e-5)
     with pytest.raises(KeyError, match="not in the index"):
         index.embeddings([["no-such-id"]])

@@ -22,7 +22,7 @@ class _ReadsGold:
         self.compress_calls += 1
         start = len(self.docs)
         self.docs += list(docs)
-        return np.arange(start, len(self.docs), dtype=np.float32)[:, None, None]
+        return np.arange(start, len(self.docs), dtype=np.float32)[:, None, None], 0.0
 
     def generate_from_compressed_documents_and_questions(self, questions, compressed, max_new_tokens):
         k = len(compressed) // len(questions)

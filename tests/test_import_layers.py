@@ -1,8 +1,9 @@
 """The package's import contract, read from the source (lazy imports inside functions included):
 modules import each other without cycles, and packages import only their own layer or lower ones.
 
-Layers, lowest first. The on-disk format of a trained model (interop/model_dir.py) sits in `interop`,
-below both `inference` and `training`, which read and write it."""
+Layers, lowest first. The on-disk formats (`formats`: JSON Lines, the corpus rows, a model
+directory's clara.json, an export's manifest and shards, a checkpoint's meta, safetensors) sit
+right above the file helpers, below every layer that reads or writes them."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "clara_jax"
 
 LAYERS = [
     {"file_io", "safe_paths"},  # file helpers
+    {"formats"},  # on-disk formats: file names, schemas, versions, validating readers
     {"model"},
     {"parallel"},
     {"data"},

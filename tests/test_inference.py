@@ -63,7 +63,7 @@ def test_saved_model_reloads_identically(saved):
     assert clara2 == clara and tok2.mem_token_ids == tok.mem_token_ids
     a = ClaraInference(tok, model, clara, batch_size=4)
     b = ClaraInference(tok2, model2, clara2, batch_size=4)
-    np.testing.assert_allclose(b.compress_documents(DOCS), a.compress_documents(DOCS), atol=1e-6)
+    np.testing.assert_allclose(b.compress_documents(DOCS)[0], a.compress_documents(DOCS)[0], atol=1e-6)
     np.testing.assert_allclose(b.encode_queries(["Where?"]), a.encode_queries(["Where?"]), atol=1e-6)
     assert b.generate_from_text(["Who?"], [DOCS[:2]], max_new_tokens=6) == a.generate_from_text(
         ["Who?"], [DOCS[:2]], max_new_tokens=6
@@ -89,7 +89,7 @@ def test_model_with_referenced_base(tmp_path):
 def test_greedy_from_spliced_embeddings_equals_recomputation(saved):
     tok, model, clara, _ = saved
     inference = ClaraInference(tok, model, clara, batch_size=2)
-    memory = jnp.asarray(inference.compress_documents(DOCS[:4]).reshape(2, 2, clara.n_mem, -1))
+    memory = jnp.asarray(inference.compress_documents(DOCS[:4])[0].reshape(2, 2, clara.n_mem, -1))
     from clara_jax.data.layouts import generator_batch
     from clara_jax.data.prompts import standard_prompt
 
@@ -121,12 +121,12 @@ def test_official_style_api(saved):
     tok, model, clara, _ = saved
     inference = ClaraInference(tok, model, clara, batch_size=4)
     answers, topk = inference.generate_from_questions(
-        ["Where does Mava live?", "Who keeps a dog?"], [DOCS[:4], DOCS[2:]], k=2, max_new_tokens=5
+        ["Where does Mava live?", "Who keeps a dog?"], 5, documents=[DOCS[:4], DOCS[2:]], k=2
     )
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers) and topk.shape == (2, 2)
     assert (topk >= 0).all() and (topk < 4).all()
-    p1 = inference.generate_from_paraphrase(DOCS[:2], max_new_tokens=5, seed=1)
-    assert p1 == inference.generate_from_paraphrase(DOCS[:2], max_new_tokens=5, seed=1)
+    p1 = inference.generate_from_paraphrase(["", ""], [DOCS[:1], DOCS[1:2]], max_new_tokens=5, rng=1)
+    assert p1 == inference.generate_from_paraphrase(["", ""], [DOCS[:1], DOCS[1:2]], max_new_tokens=5, rng=1)
     with pytest.raises(ValueError, match="same number of documents"):
         inference.generate_from_text(["a", "b"], [DOCS[:2], DOCS[:3]])
     with pytest.raises(ValueError, match="exceeds"):
@@ -181,7 +181,9 @@ def test_data_parallel_over_local_devices_equals_one_device(saved):
     parallel = ClaraInference(tok, model, clara, batch_size=3)
     single = ClaraInference(tok, model, clara, batch_size=3, data_parallel=False)
     assert parallel.batch_size == 8 and single.batch_size == 3
-    np.testing.assert_allclose(parallel.compress_documents(DOCS), single.compress_documents(DOCS), atol=1e-5)
+    np.testing.assert_allclose(
+        parallel.compress_documents(DOCS)[0], single.compress_documents(DOCS)[0], atol=1e-5
+    )
     assert parallel.generate_from_text(
         ["Who?", "Where?"], [DOCS[:2], DOCS[2:4]], max_new_tokens=5
     ) == single.generate_from_text(["Who?", "Where?"], [DOCS[:2], DOCS[2:4]], max_new_tokens=5)

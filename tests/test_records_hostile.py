@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clara_jax.data import sources, strict_json
+from clara_jax.data import sources
 from clara_jax.data.records import DataError, ReadReport, RecordError, parse_record
 from clara_jax.data.sources import (
     musique_to_retrieval,
@@ -19,6 +19,7 @@ from clara_jax.data.sources import (
     read_jsonl,
     require_records,
 )
+from clara_jax.formats import strict_json
 
 
 def retr(i: int, **kw) -> dict:

@@ -14,8 +14,8 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
+from clara_jax.formats.safetensors_io import open_checkpoint  # noqa: E402
 from clara_jax.interop import hf  # noqa: E402
-from clara_jax.interop.safetensors_io import open_checkpoint  # noqa: E402
 from clara_jax.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
 from clara_jax.parallel.rules import DEFAULT_RULES, state_shardings  # noqa: E402
 from tests import hf_reference as ref  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from clara_jax.interop.safetensors_io import open_checkpoint  # noqa: E402
+from clara_jax.formats.safetensors_io import open_checkpoint  # noqa: E402
 from tests import hf_reference as ref  # noqa: E402
 from tests.test_multiprocess import _env, _free_port, _run_processes  # noqa: E402
 

@@ -10,8 +10,8 @@ from clara_jax.parallel.rules import parse_rules
 from clara_jax.training.aot import abstract_batch, abstract_model
 from clara_jax.training.build import build_model
 from clara_jax.training.config import load_config
-from clara_jax.training.run_spec import optimizer_config
-from clara_jax.training.stages import stage_program, stage_spec
+from clara_jax.training.run_spec import optimizer_config, stage_spec_of
+from clara_jax.training.stages import stage_program
 
 SMALL = [
     "--config.clara.doc_max_length=32",
@@ -25,7 +25,7 @@ SMALL = [
 def _program(config, model, clara, mesh):
     return stage_program(
         model,
-        stage_spec(config.stage, docs_per_example=config.clara.docs_per_example),
+        stage_spec_of(config),
         clara,
         optimizer_config(config, 100),
         mesh,

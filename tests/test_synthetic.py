@@ -18,7 +18,7 @@ from clara_jax.data.synthetic import (
     chance_recall,
     write_corpus,
 )
-from clara_jax.file_io import read_json_lines
+from clara_jax.formats.jsonl import read_json_lines
 
 CFG = SyntheticCorpusConfig()
 N, K = CFG.n_candidates, CFG.docs_per_example

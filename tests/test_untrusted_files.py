@@ -18,10 +18,10 @@ from safetensors.numpy import save_file
 from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
 from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.file_io import sha256_file
+from clara_jax.formats.safetensors_io import SafetensorsFile, open_checkpoint, weights_digest
 from clara_jax.inference.export import encode_shard, model_fingerprint, read_shard, shard_name
 from clara_jax.inference.index import EmbeddingIndex
 from clara_jax.interop.model_dir import load_clara_model, save_clara_model
-from clara_jax.interop.safetensors_io import SafetensorsFile, open_checkpoint, weights_digest
 from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.config import tiny_config
 from clara_jax.model.decoder import Decoder

@@ -64,7 +64,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "given: answer from docs[:k] in file order (compressor evaluation)",
     )
     p.add_argument("-k", type=int, default=5, help="documents the generator reads (default 5)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="answer length limit (default: the official evaluation's, 64 with --mode rerank, "
+        "128 with --mode given)",
+    )
     p.add_argument("--limit", type=int, default=0, help="score only the first N questions of each file")
     p.add_argument("--batch-size", type=int, default=8, help="questions per batch (default 8)")
     p.add_argument(

@@ -7,29 +7,24 @@ import json
 import sys
 
 from clara_jax.cli.common import EXIT_OK, error
+from clara_jax.formats.jsonl import iter_json_lines
 
 # clara_jax.inference.index.BACKENDS, spelled out so that building the parser imports no jax
 # (tests/test_bad_input_cli.py checks that the two agree).
 BACKENDS = ("jax", "faiss")
+QUESTION_LINE = "{'question': TEXT} or a JSON string"
 
 
 def read_questions(path: str) -> list[str]:
-    """Questions from a JSONL file: one {'question': TEXT} or JSON string per line."""
+    """Questions from a JSONL file (read by clara_jax.formats.jsonl): one {'question': TEXT} or
+    JSON string per line."""
     questions = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not JSON ({exc.msg})") from None
-            q = obj.get("question") if isinstance(obj, dict) else obj
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError(
-                    f"{path}:{line_no}: expected {{'question': TEXT}} or a JSON string, got {line[:80]!r}"
-                )
-            questions.append(q)
+    for line_no, obj in iter_json_lines(path, expected=QUESTION_LINE):
+        q = obj.get("question") if isinstance(obj, dict) else obj
+        if not isinstance(q, str) or not q.strip():
+            got = json.dumps(obj, ensure_ascii=False)
+            raise ValueError(f"{path}:{line_no}: expected {QUESTION_LINE}, got {got[:80]!r}")
+        questions.append(q)
     if not questions:
         raise ValueError(f"{path}: no questions")
     return questions
@@ -38,8 +33,8 @@ def read_questions(path: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from clara_jax.formats.model_dir import model_fingerprint
     from clara_jax.inference.clara_model import ClaraInference
-    from clara_jax.inference.export import model_fingerprint
     from clara_jax.inference.index import EmbeddingIndex, search_questions
     from clara_jax.interop.model_dir import load_clara_model
 

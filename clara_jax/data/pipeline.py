@@ -67,6 +67,11 @@ class TokenStats:
     targets_truncated: int = 0
     queries: int = 0
     queries_truncated: int = 0
+    # stage 3 keeps a question's first `candidates` documents: gold passages (pos_index) beyond them
+    # are lost to training, counted here (and the questions that lost at least one)
+    positives: int = 0
+    positives_dropped: int = 0
+    examples_positives_dropped: int = 0
 
     def add(self, other: TokenStats) -> None:
         for f in dataclasses.fields(self):
@@ -118,6 +123,19 @@ def tokenize_compression(tok: ClaraTokenizer, records: Sequence, cfg: LayoutConf
     return arrays, stats
 
 
+def count_dropped_positives(records: Sequence, candidates: int) -> TokenStats:
+    """The gold passages (distinct `pos_index` entries) of retrieval records, and those at an index
+    >= `candidates`, which stage 3 (first `candidates` documents of each question) never sees."""
+    stats = TokenStats(examples=len(records))
+    for r in records:
+        gold = set(r.pos_index)
+        dropped = sum(p >= candidates for p in gold)
+        stats.positives += len(gold)
+        stats.positives_dropped += dropped
+        stats.examples_positives_dropped += dropped > 0
+    return stats
+
+
 def tokenize_retrieval(
     tok: ClaraTokenizer, records: Sequence, cfg: LayoutConfig, rng=None, candidate_memory=None
 ):
@@ -125,6 +143,7 @@ def tokenize_retrieval(
 
     `candidate_memory(texts) -> (memory [n, n_mem, D], truncated [n])` replaces the candidates'
     encoder rows with their precomputed memory vectors (`cand_memory` [B, N, n_mem, D]).
+    A gold passage beyond the first N candidates is dropped, and counted in the stats.
     """
     n = cfg.candidates
     docs, valid, positives = [], np.zeros((len(records), n), bool), np.zeros((len(records), n), bool)
@@ -146,6 +165,7 @@ def tokenize_retrieval(
     else:
         memory, truncated = candidate_memory(docs)
         arrays["cand_memory"] = memory.reshape(len(records), n, *memory.shape[1:])
+    dropped = count_dropped_positives(records, n)
     stats = TokenStats(
         len(records),
         len(docs),
@@ -153,6 +173,9 @@ def tokenize_retrieval(
         gen_truncated,
         queries=len(records),
         queries_truncated=queries.n_truncated,
+        positives=dropped.positives,
+        positives_dropped=dropped.positives_dropped,
+        examples_positives_dropped=dropped.examples_positives_dropped,
     )
     return arrays, stats
 

@@ -7,9 +7,9 @@ Every reader goes through `parse_record` (records.py) and one policy:
   warning with the full message, and reading continues. Nothing is dropped silently:
   `report.kept + sum(report.skipped.values()) == report.read`.
 
-Formats: JSONL (streamed line by line, exact line numbers), JSON arrays, Parquet / JSON through HF
-`datasets` (local files only), and ArrayRecord for large corpora, whose `ArrayRecordSource` is a
-random-access source that grain pipelines read directly. The multi-hop adapters turn the shared
+Formats: JSONL (streamed by `clara_jax.formats.jsonl`, exact line numbers), JSON arrays, Parquet /
+JSON through HF `datasets` (local files only), and ArrayRecord for large corpora, whose
+`ArrayRecordSource` is a random-access source that grain pipelines read directly. The multi-hop adapters turn the shared
 MuSiQue / HotpotQA training files (their own formats) into stage-3 `RetrievalRecord`s.
 """
 
@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from clara_jax.data import strict_json
 from clara_jax.data.records import (
     RECORD_KINDS,
     DataError,
@@ -33,6 +32,7 @@ from clara_jax.data.records import (
     record_to_json,
     short_repr,
 )
+from clara_jax.formats import jsonl, strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +121,7 @@ _SHAPE_PROBLEMS = ("malformed JSON", "invalid UTF-8", "not an array")
 def _decode(data: bytes | str, source: str, line: int | None, index: int | None) -> Any:
     """One record's JSON, or the `RecordError` that says why it is not (returned, for the policy)."""
     try:
-        text = strict_json.decode_utf8(data) if isinstance(data, bytes) else data
-        # strip: a trailing newline would move errors to "column 1"
-        return strict_json.loads_checked(text.strip())
+        return jsonl.decode(data, strict=True)
     except strict_json.JsonProblem as problem:
         return _problem_error(problem, source, line, index)
 
@@ -144,21 +142,14 @@ def _too_long(source: str, line: int, size: str) -> RecordError:
 
 def _jsonl_raw(path: PathLike, report: ReadReport) -> Iterator[_Raw]:
     source = str(path)
-    with open(path, "rb") as f:
-        line_no = 0
-        while data := f.readline(MAX_LINE_BYTES + 1):
-            line_no += 1
-            if len(data) > MAX_LINE_BYTES:
-                size = len(data)
-                while not data.endswith(b"\n") and (data := f.readline(1 << 20)):  # skip the rest
-                    size += len(data)
-                yield line_no, None, _too_long(source, line_no, f"{size:,}")
-                continue
-            if line_no == 1 and data.startswith(b"\xef\xbb\xbf"):
-                data = data[3:]  # UTF-8 byte-order mark written by some editors
-            if not data.strip():
-                report.blank_lines += 1
-                continue
+
+    def blank(_line: int) -> None:
+        report.blank_lines += 1
+
+    for line_no, data in jsonl.lines(path, max_bytes=MAX_LINE_BYTES, on_blank=blank):
+        if isinstance(data, jsonl.TooLong):
+            yield line_no, None, _too_long(source, line_no, f"{data.size:,}")
+        else:
             yield line_no, None, _decode(data, source, line_no, None)
 
 

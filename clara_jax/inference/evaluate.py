@@ -1,9 +1,12 @@
 """End-to-end evaluation of a CLaRa model on retrieval records (question, candidates, gold).
 
-The protocol of the official evaluate.py (docs/official_code.md §5): the query reasoner ranks the
-candidates, the generator answers greedily from the top-k compressed documents in score
-order, and answers are scored against the first gold answer (EM, F1, Cover-EM) while the
-ranking is scored with Recall@k over all questions.
+The protocol of the official evaluate.py (docs/official_code.md §5): the query reasoner ranks
+every candidate of a record, the generator answers greedily from the top-k compressed documents in
+score order, and answers are scored against the first gold answer (EM, F1, Cover-EM) while the
+ranking is scored with Recall@k over all questions. Records may hold different numbers of
+candidates: each keeps all of its own (the shorter ones are padded with candidates that are masked
+out of the ranking). The default answer lengths are the official evaluation's: 64 new tokens when
+reranking (its stage 2), 128 when answering from given documents (its stages 1 and 1_2).
 """
 
 from __future__ import annotations
@@ -15,16 +18,28 @@ import numpy as np
 from clara_jax.inference.clara_model import ClaraInference
 from clara_jax.inference.metrics import qa_scores, retrieval_scores
 
+# `max_new_tokens` of the official evaluate.py: stage 2 passes 64 to generate_from_questions, stages
+# 1/1_2 leave generate_from_compressed_documents_and_questions at its default of 128.
+OFFICIAL_MAX_NEW_TOKENS = {"rerank": 64, "given": 128}
+
 
 def evaluate_retrieval_qa(
-    clara: ClaraInference, records: Sequence, *, k: int | None = None, max_new_tokens: int = 32, ks=(1, 5)
+    clara: ClaraInference,
+    records: Sequence,
+    *,
+    k: int | None = None,
+    max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS["rerank"],
+    ks=(1, 5),
 ) -> dict:
-    """Recall@k of the reranking and EM/F1/Cover-EM of the answers, over `records`."""
+    """Recall@k of the reranking and EM/F1/Cover-EM of the answers, over `records`.
+
+    Every candidate of every record is ranked (records need at least k each, not the same count);
+    `memory` [B, N, n_mem, D] holds them, N the most any record has, zeros in the padding slots."""
     k = k or clara.clara.top_k
-    n = min(len(r.docs) for r in records)
+    fewest = min(len(r.docs) for r in records)
     questions = [r.question for r in records]
-    candidates = [list(r.docs[:n]) for r in records]
-    topk, memory = clara.rerank(questions, candidates, k=min(max(k, *ks), n))
+    candidates = [list(r.docs) for r in records]
+    topk, memory = clara.rerank(questions, candidates, k=max(k, min(max(ks), fewest)))
     selected = np.take_along_axis(memory, topk[:, :k, None, None], axis=1)  # score order, as in stage 3
     answers = clara.generate_from_compressed_documents_and_questions(
         questions, selected.reshape(-1, *selected.shape[2:]), max_new_tokens=max_new_tokens
@@ -80,7 +95,8 @@ def evaluate_gold_ablation(
         raise ValueError(f"no record has gold passages (pos_index) and at least {k} non-gold candidates")
     if memory is None:
         needed = sorted({(i, j) for rows in slots.values() for i, js in zip(usable, rows) for j in js})
-        vectors = dict(zip(needed, clara.compress_documents([records[i].docs[j] for i, j in needed])))
+        memory_of_needed, _ = clara.compress_documents([records[i].docs[j] for i, j in needed])
+        vectors = dict(zip(needed, memory_of_needed))
     else:
         width = max(len(r.docs) for r in records)
         if memory.shape[:2] != (len(records), width):
@@ -111,16 +127,26 @@ def read_eval_file(path: str, *, k: int = 5, limit: int | None = None, policy: s
 
 
 def evaluate_records(
-    clara: ClaraInference, records: Sequence, *, mode: str = "rerank", k: int = 5, max_new_tokens: int = 64
+    clara: ClaraInference,
+    records: Sequence,
+    *,
+    mode: str = "rerank",
+    k: int = 5,
+    max_new_tokens: int | None = None,
 ) -> dict:
-    """Scores of evaluation records in `mode` (rerank: stage-3 evaluation; given: docs[:k] in order)."""
+    """Scores of evaluation records in `mode` (rerank: stage-3 evaluation; given: docs[:k] in order).
+    `max_new_tokens` None: the official evaluation's value for the mode (OFFICIAL_MAX_NEW_TOKENS)."""
+    if mode not in OFFICIAL_MAX_NEW_TOKENS:
+        raise ValueError(
+            f"mode={mode!r}: expected 'rerank' (stage-3 evaluation) or 'given' (docs[:k] in order)"
+        )
+    if max_new_tokens is None:
+        max_new_tokens = OFFICIAL_MAX_NEW_TOKENS[mode]
     if mode == "rerank":
         return evaluate_retrieval_qa(
             clara, records, k=k, max_new_tokens=max_new_tokens, ks=tuple(sorted({1, min(3, k), k}))
         )
-    if mode == "given":
-        return evaluate_given_documents(clara, records, k=k, max_new_tokens=max_new_tokens)
-    raise ValueError(f"mode={mode!r}: expected 'rerank' (stage-3 evaluation) or 'given' (docs[:k] in order)")
+    return evaluate_given_documents(clara, records, k=k, max_new_tokens=max_new_tokens)
 
 
 def evaluate_file(
@@ -129,7 +155,7 @@ def evaluate_file(
     *,
     mode: str = "rerank",
     k: int = 5,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     limit: int | None = None,
     policy: str = "error",
 ) -> dict:

@@ -1,4 +1,4 @@
-"""Cosine top-k over an exported corpus (clara_jax.inference.export), streamed shard by shard.
+"""Top-k over an exported corpus (clara_jax.inference.export) by cosine or dot product, shard by shard.
 
     index = EmbeddingIndex.open("runs/wiki-index")
     ids, scores = index.search(query_vectors, k=5)            # query_vectors [Q, n_mem·D]
@@ -8,27 +8,23 @@ Why streaming: an exported corpus can be far larger than host or device memory, 
 one shard plus the running top-k [Q, k] and merges each shard's top-k into it with a jitted merge.
 Shards are padded to the export's shard size (padding scores -inf) so every shard reuses one
 compiled program. Scores are float32 cosines (vectors normalised in float32 whatever the stored
-dtype), as stage 3 ranks them. The FAISS backend trades memory for speed: it holds every vector.
+dtype), as stage 3 ranks them; `score="dot"` ranks by the raw inner product instead (a model trained
+with `clara.retrieval_score = "dot"`, which `search_questions` passes on). The FAISS backend trades
+memory for speed: it holds every vector.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clara_jax.inference.export import (
-    FORMAT,
-    FORMAT_VERSION,
-    read_shard,
-    sha256_file,
-    shard_name,
-)
-from clara_jax.model.topk import COSINE_EPS
+from clara_jax.file_io import sha256_file
+from clara_jax.formats.embeddings import read_manifest, read_shard
+from clara_jax.model.topk import COSINE_EPS, SCORE_FUNCTIONS
 
 BACKENDS = ("jax", "faiss")
 
@@ -40,9 +36,19 @@ def _normalise(x: jax.Array) -> jax.Array:
     return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), jnp.float32(COSINE_EPS) ** 2))
 
 
+@jax.jit
+def _float32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32)
+
+
+def _prepare(x, score: str) -> jax.Array:
+    """Vectors as the score compares them: normalised for cosine, as they are for dot."""
+    return _normalise(jnp.asarray(x)) if score == "cosine" else _float32(jnp.asarray(x))
+
+
 @functools.partial(jax.jit, static_argnames="k")
 def _shard_topk(queries, docs, n_valid, offset, k: int):
-    """Top-k of one (padded) shard for normalised queries [Q, E] and docs [S, E]; global indices."""
+    """Top-k of one (padded) shard for prepared queries [Q, E] and docs [S, E]; global indices."""
     scores = jnp.einsum("qe,se->qs", queries, docs, precision=jax.lax.Precision.HIGHEST)
     scores = jnp.where(jnp.arange(docs.shape[0])[None, :] < n_valid, scores, -jnp.inf)
     top, idx = jax.lax.top_k(scores, k)
@@ -58,43 +64,6 @@ def _merge(scores_a, idx_a, scores_b, idx_b, k: int):
     return top, jnp.take_along_axis(idx, pos, axis=1)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def check_shard_list(path: str, manifest: dict) -> None:
-    """Refuse a manifest whose shard list an export could not have written.
-
-    A downloaded index is untrusted: shard i must be the file `shard_name(i)` of the export
-    directory (never an absolute path or `..`, which would read any local file) and cover rows
-    [i·shard_size, i·shard_size + count).
-    """
-    size, n, shards = manifest.get("shard_size"), manifest.get("num_shards"), manifest.get("shards")
-    if not (_is_int(size) and size >= 1 and _is_int(n) and n >= 1):
-        raise ValueError(
-            f"{path}: fields shard_size and num_shards must be positive integers, got {size!r}, {n!r}"
-        )
-    if not isinstance(shards, list) or len(shards) != n:
-        got = f"{len(shards)} entries" if isinstance(shards, list) else repr(type(shards).__name__)
-        raise ValueError(f"{path}: field shards must list num_shards={n} shards, got {got}")
-    for i, s in enumerate(shards):
-        where = f"{path}: shards[{i}]"
-        if not isinstance(s, dict):
-            raise ValueError(f"{where} must be an object, got {type(s).__name__}")
-        if s.get("file") != shard_name(i):
-            raise ValueError(
-                f"{where}.file is {s.get('file')!r}, expected {shard_name(i)!r} (shard files are named by "
-                "their position in the export directory; other names and paths are refused)"
-            )
-        if s.get("start") != i * size:
-            raise ValueError(f"{where}.start is {s.get('start')!r}, expected {i * size} (= {i} · shard_size)")
-        count = s.get("count")
-        if not (_is_int(count) and 1 <= count <= size):
-            raise ValueError(f"{where}.count must be an integer in [1, shard_size={size}], got {count!r}")
-        if not isinstance(s.get("sha256"), str):
-            raise ValueError(f"{where}.sha256 must be a hex string, got {s.get('sha256')!r}")
-
-
 class EmbeddingIndex:
     """A read-only view of an export directory; shards are read (and checksummed) when searched."""
 
@@ -105,33 +74,9 @@ class EmbeddingIndex:
 
     @classmethod
     def open(cls, export_dir: str | os.PathLike) -> EmbeddingIndex:
+        """A complete export directory, its manifest checked (`clara_jax.formats.embeddings`)."""
         export_dir = str(export_dir)
-        path = os.path.join(export_dir, "manifest.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: not an export directory (no manifest.json)")
-        with open(path) as f:
-            manifest = json.load(f)
-        if not isinstance(manifest, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} is not "
-                f"{FORMAT!r} v{FORMAT_VERSION}"
-            )
-        if not manifest.get("complete"):
-            progress = os.path.join(export_dir, "progress")
-            done = len(os.listdir(progress)) if os.path.isdir(progress) else 0
-            raise ValueError(
-                f"{export_dir}: export incomplete ({done} of {manifest.get('num_shards')} shards done); "
-                "rerun `clara-jax export` with the same arguments to finish it"
-            )
-        check_shard_list(path, manifest)
-        counts = sum(s["count"] for s in manifest["shards"])
-        if counts != manifest["count"]:
-            raise ValueError(f"{path}: shard counts sum to {counts}, the manifest says {manifest['count']}")
-        for s in manifest["shards"]:
-            if not os.path.isfile(os.path.join(export_dir, s["file"])):
-                raise FileNotFoundError(f"{export_dir}: shard {s['file']} listed in the manifest is missing")
+        manifest = read_manifest(export_dir)
         return cls(export_dir, manifest)
 
     def __len__(self) -> int:
@@ -225,27 +170,35 @@ class EmbeddingIndex:
 
     # ------------------------------------------------------------------ search
     def search(
-        self, query_vectors, k: int = 5, *, backend: str = "jax", query_batch: int = 1024
+        self,
+        query_vectors,
+        k: int = 5,
+        *,
+        backend: str = "jax",
+        query_batch: int = 1024,
+        score: str = "cosine",
     ) -> tuple[list[list[str]], np.ndarray]:
-        """Cosine top-k: (ids [Q][k], scores float32 [Q, k]), best first."""
+        """Top-k by `score` ("cosine" or "dot"): (ids [Q][k], scores float32 [Q, k]), best first."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if score not in SCORE_FUNCTIONS:
+            raise ValueError(f"score must be one of {SCORE_FUNCTIONS}, got {score!r}")
         queries = self._check_queries(query_vectors, k)
         if queries.shape[0] == 0:
             return [], np.zeros((0, k), np.float32)
         if backend == "faiss":
-            scores, indices = self._search_faiss(queries, k)
+            scores, indices = self._search_faiss(queries, k, score)
         else:
-            scores, indices = self._search_jax(queries, k, query_batch)
+            scores, indices = self._search_jax(queries, k, query_batch, score)
         return self._ids(indices), scores
 
-    def _search_jax(self, queries: np.ndarray, k: int, query_batch: int):
+    def _search_jax(self, queries: np.ndarray, k: int, query_batch: int, score: str = "cosine"):
         q_total = queries.shape[0]
         qb = min(query_batch_size(q_total), query_batch)
         n_batches = -(-q_total // qb)
         padded = np.zeros((n_batches * qb, queries.shape[1]), np.float32)
         padded[:q_total] = queries
-        q_norm = [_normalise(jnp.asarray(padded[b * qb : (b + 1) * qb])) for b in range(n_batches)]
+        q_norm = [_prepare(padded[b * qb : (b + 1) * qb], score) for b in range(n_batches)]
         size = self.manifest["shard_size"]
         shard_k = min(k, size)
         best = [
@@ -256,7 +209,7 @@ class EmbeddingIndex:
             emb, _ = self._load(i)
             docs = np.zeros((size, self.dim), np.float32)
             docs[: s["count"]] = np.asarray(emb, np.float32).reshape(s["count"], -1)
-            docs = _normalise(jnp.asarray(docs))
+            docs = _prepare(docs, score)
             for b in range(n_batches):
                 top, idx = _shard_topk(q_norm[b], docs, s["count"], s["start"], k=shard_k)
                 best[b] = _merge(*best[b], top, idx.astype(jnp.int32), k=k)
@@ -265,7 +218,9 @@ class EmbeddingIndex:
         indices = np.concatenate([np.asarray(ix) for _, ix in best])[:q_total]
         return scores, indices
 
-    def _search_faiss(self, queries: np.ndarray, k: int):
+    def _search_faiss(self, queries: np.ndarray, k: int, score: str = "cosine"):
+        if self._faiss is not None and self._faiss[0] != score:
+            self._faiss = None  # built for the other score: its vectors are (not) normalised
         if self._faiss is None:
             try:
                 import faiss
@@ -275,10 +230,10 @@ class EmbeddingIndex:
             for i, s in enumerate(self.manifest["shards"]):
                 emb, _ = self._load(i)
                 flat = np.asarray(emb, np.float32).reshape(s["count"], -1)
-                index.add(np.ascontiguousarray(np.asarray(_normalise(jnp.asarray(flat)))))
-            self._faiss = index
-        q = np.ascontiguousarray(np.asarray(_normalise(jnp.asarray(queries, np.float32))))
-        scores, indices = self._faiss.search(q, k)
+                index.add(np.ascontiguousarray(np.asarray(_prepare(flat, score))))
+            self._faiss = (score, index)
+        q = np.ascontiguousarray(np.asarray(_prepare(np.asarray(queries, np.float32), score)))
+        scores, indices = self._faiss[1].search(q, k)
         return scores.astype(np.float32), indices.astype(np.int64)
 
 
@@ -296,11 +251,17 @@ def search_questions(
     backend: str = "jax",
     model_fingerprint: str | None = None,
 ) -> tuple[list[list[str]], np.ndarray]:
-    """Encode questions with the query reasoner and search the index (after a compatibility check)."""
+    """Encode questions with the query reasoner and search the index (after a compatibility check),
+    by the score the model was trained with (`clara.retrieval_score`)."""
     if not isinstance(index, EmbeddingIndex):
         index = EmbeddingIndex.open(index)
     index.check_model(inference.clara, inference.model.config.hidden_size, model_fingerprint)
-    return index.search(inference.encode_queries(list(questions)), k, backend=backend)
+    return index.search(
+        inference.encode_queries(list(questions)),
+        k,
+        backend=backend,
+        score=inference.clara.retrieval_score,
+    )
 
 
 def generate_from_index(
@@ -322,6 +283,6 @@ def generate_from_index(
     ids, scores = search_questions(inference, questions, k, index=index, backend=backend)
     memory = index.embeddings(ids)  # [B, k, n_mem, D]
     answers = inference.generate_from_compressed_documents_and_questions(
-        list(questions), memory.reshape(-1, *memory.shape[2:]), max_new_tokens, sampling
+        list(questions), memory.reshape(-1, *memory.shape[2:]), max_new_tokens, sampling=sampling
     )
     return answers, ids, scores

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clara_jax.interop.safetensors_io import open_checkpoint, read_slice
+from clara_jax.formats.safetensors_io import open_checkpoint, read_slice
 from clara_jax.model.config import DecoderConfig
 from clara_jax.model.decoder import Decoder
 from clara_jax.parallel.rules import DEFAULT_RULES, state_shardings

@@ -1,11 +1,7 @@
 """A trained CLaRa model as a directory: what inference, export and serving load.
 
-    WORKDIR/model/
-      clara.json              method settings + where the base weights are + run config
-      adapters.safetensors    every adapter's LoRA factors ("{role}/{projection}/{a|b}", stacked over layers)
-      embed_rows.safetensors  the trained <MEM*> embedding rows
-      base/                   the base decoder, only when it is not a directory the run read from
-      tokenizer.json …        the tokenizer with the CLaRa tokens
+The directory's format (file names, clara.json and its checks) is `clara_jax.formats.model_dir`;
+this module writes and reads its arrays, which needs jax and the decoder.
 
 The base weights are referenced, not copied, when the run read them from a local directory
 (a 7B base is 14 GB); `load_clara_model` checks the base still matches the saved shapes.
@@ -15,15 +11,12 @@ In a multi-process run the trained arrays are spread over several hosts: every p
 with `write=True` (process 0 by default) touches the directory.
 
 Saving never tears a model: the new copy is built complete in a hidden sibling, fsynced and
-swapped in (`clara_jax.atomic_files.replace_dir`), so a crash while re-saving leaves the old model
-or the new one, and readers (`model_dir_path`) follow the swap. A model directory may be
-downloaded, so clara.json's `base` is checked: a relative one must stay inside the directory, and
-an absolute one (a local base the run referenced) must still match the `base_digest` saved with it.
+swapped in (`clara_jax.file_io.replace_dir`), so a crash while re-saving leaves the old model
+or the new one, and readers (`model_dir_path`) follow the swap.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -33,77 +26,28 @@ import numpy as np
 from flax import nnx
 
 from clara_jax.data.tokenizer import load_tokenizer
-from clara_jax.file_io import live_dir, replace_dir, staging_dir, write_json_atomic
+from clara_jax.file_io import replace_dir, staging_dir, write_json_atomic
+from clara_jax.formats.model_dir import (
+    ADAPTERS_FILE,
+    BASE_DIR,
+    META_FILE,
+    ROWS_FILE,
+    base_weights,
+    model_dir_path,
+    model_meta,
+    read_clara_section,
+    read_model_meta,
+)
+from clara_jax.formats.safetensors_io import SafetensorsFile, weights_digest
 from clara_jax.interop.hf import load_decoder, save_decoder
-from clara_jax.interop.safetensors_io import SafetensorsFile, weights_digest
 from clara_jax.model.clara import ClaraConfig
+from clara_jax.model.clara_settings import ClaraSettings
 from clara_jax.model.decoder import Decoder
+from clara_jax.model.field_checks import SettingsError
 from clara_jax.model.lora import LoRAConfig
 from clara_jax.model.vocab import extend_vocabulary
-from clara_jax.safe_paths import contained_path
 
-FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
-
-
-def model_dir_path(model_dir: str | os.PathLike) -> str:
-    """The directory that holds `model_dir`'s complete copy (its hidden twin if a crash fell
-    between the two renames of a re-save); raises if there is no saved model there."""
-    path = live_dir(model_dir)
-    meta_path = os.path.join(path, "clara.json")
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(
-            f"{os.path.join(model_dir, 'clara.json')}: not a clara-jax model directory "
-            "(no clara.json; was the run finished?)"
-        )
-    if path != os.fspath(model_dir):
-        log.warning("%s: using %s (a re-save of the model was interrupted)", model_dir, path)
-    return path
-
-
-def read_model_meta(model_dir: str) -> dict:
-    """clara.json of a (resolved) model directory, with its format version checked."""
-    meta_path = os.path.join(model_dir, "clara.json")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{meta_path}: not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{meta_path}: format_version {version} is not {FORMAT_VERSION}")
-    return meta
-
-
-def base_weights(model_dir: str, meta: dict) -> tuple[str, str]:
-    """(path, `weights_digest`) of the base weights of a (resolved) model directory, checked.
-
-    A relative `base` must be a path inside the model directory (no `..`). An absolute one is a
-    local directory the training run read and referenced rather than copied (a 7B base is 14 GB),
-    so it cannot be refused; instead the weights found there must match the `base_digest` saved
-    in clara.json, which stops a model directory from quietly pointing at other local weights
-    (and catches a base that was replaced since training).
-    """
-    meta_path = os.path.join(model_dir, "clara.json")
-    base = meta.get("base")
-    if isinstance(base, str) and os.path.isabs(base):
-        if ".." in base.replace("\\", "/").split("/"):
-            raise ValueError(f"{meta_path}: field 'base' ({base!r}) must not contain '..'")
-        path = base
-    else:
-        path = contained_path(model_dir, base, source=meta_path, field="'base'")
-    digest = weights_digest(path)
-    expected = meta.get("base_digest")
-    if expected is None and path == base:
-        log.warning(
-            "%s: the referenced base %s is unchecked (no 'base_digest': an older save)", meta_path, base
-        )
-    elif expected is not None and digest != expected:
-        raise ValueError(
-            f"{meta_path}: the base weights at {path} (field 'base') are not the ones this model was "
-            "trained with (their digest differs from the saved 'base_digest')"
-        )
-    return path, digest
 
 
 def _host(x, dtype=np.float32) -> np.ndarray:
@@ -171,32 +115,23 @@ def save_clara_model(
     if not write:
         return out_dir
     staging = staging_dir(out_dir)  # built complete beside out_dir, then swapped in
-    save_file(factors, os.path.join(staging, "adapters.safetensors"))
-    save_file(rows, os.path.join(staging, "embed_rows.safetensors"))
+    save_file(factors, os.path.join(staging, ADAPTERS_FILE))
+    save_file(rows, os.path.join(staging, ROWS_FILE))
     if not base_path:
-        base_path = "base"
-        save_decoder(model, os.path.join(staging, "base"))
+        base_path = BASE_DIR
+        save_decoder(model, os.path.join(staging, BASE_DIR))
     tokenizer.hf.save_pretrained(staging)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "base": base_path,
-        "base_digest": weights_digest(os.path.join(staging, base_path)),
-        "vocab_size": model.config.vocab_size,
-        "base_vocab_size": tokenizer.base_vocab_size,
-        "dtype": str(model.policy.compute),
-        "clara": {
-            "doc_max_length": clara.doc_max_length,
-            "compression_rate": clara.compression_rate,
-            "mem_token_ids": list(clara.mem_token_ids),
-            "mse_weight": clara.mse_weight,
-            "top_k": clara.top_k,
-            "temperature": clara.temperature,
-            "topk_mask_mode": clara.topk_mask_mode,
-        },
-        "adapters": lora_configs,
-        "run_config": run_config or {},
-    }
-    write_json_atomic(os.path.join(staging, "clara.json"), meta)
+    meta = model_meta(
+        base=base_path,
+        base_digest=weights_digest(os.path.join(staging, base_path)),
+        vocab_size=model.config.vocab_size,
+        base_vocab_size=tokenizer.base_vocab_size,
+        dtype=str(model.policy.compute),
+        clara=clara,
+        adapters=lora_configs,
+        run_config=run_config,
+    )
+    write_json_atomic(os.path.join(staging, META_FILE), meta)
     replace_dir(staging, out_dir)
     return out_dir
 
@@ -205,8 +140,12 @@ def load_clara_model(model_dir: str, *, dtype: str | None = None):
     """(tokenizer, Decoder with all adapters and rows, ClaraConfig) from a saved model directory."""
     model_dir = model_dir_path(model_dir)
     meta = read_model_meta(model_dir)
-    c = meta["clara"]
-    n_mem = c["doc_max_length"] // c["compression_rate"]
+    c = read_clara_section(model_dir, meta)
+    try:
+        settings = ClaraSettings.from_section(c)
+    except SettingsError as err:
+        raise ValueError(f"{os.path.join(model_dir, META_FILE)}: {err}") from None
+    n_mem = settings.n_mem
     tok = load_tokenizer(model_dir, n_mem=n_mem)
     if list(tok.mem_token_ids) != c["mem_token_ids"]:
         raise ValueError(
@@ -215,7 +154,7 @@ def load_clara_model(model_dir: str, *, dtype: str | None = None):
         )
     base, _ = base_weights(model_dir, meta)
     model = load_decoder(base, dtype=dtype or meta.get("dtype", "float32"))
-    rows = SafetensorsFile(os.path.join(model_dir, "embed_rows.safetensors"))
+    rows = SafetensorsFile(os.path.join(model_dir, ROWS_FILE))
     first_new = meta["base_vocab_size"]
     if model.config.vocab_size < meta["vocab_size"]:  # a referenced base without the CLaRa rows
         extend_vocabulary(model, meta["vocab_size"], key=jax.random.key(0), first_new=first_new)
@@ -234,7 +173,7 @@ def load_clara_model(model_dir: str, *, dtype: str | None = None):
     token_ids = [int(t) for t in rows.get("token_ids")]
     model.set_trainable_rows(token_ids)
     model.embed_rows.set_value(jnp.asarray(np.asarray(rows.get("rows"))))
-    factors = SafetensorsFile(os.path.join(model_dir, "adapters.safetensors"))
+    factors = SafetensorsFile(os.path.join(model_dir, ADAPTERS_FILE))
     for role, cfg in meta["adapters"].items():
         targets = cfg["target_modules"]
         model.add_adapter(
@@ -250,13 +189,5 @@ def load_clara_model(model_dir: str, *, dtype: str | None = None):
         for target, f in model.adapters[role].factors.items():
             f["a"].set_value(jnp.asarray(np.asarray(factors.get(f"{role}/{target}/a"))))
             f["b"].set_value(jnp.asarray(np.asarray(factors.get(f"{role}/{target}/b"))))
-    clara = ClaraConfig(
-        mem_token_ids=tuple(c["mem_token_ids"]),
-        doc_max_length=c["doc_max_length"],
-        compression_rate=c["compression_rate"],
-        mse_weight=c["mse_weight"],
-        top_k=c["top_k"],
-        temperature=c["temperature"],
-        topk_mask_mode=c["topk_mask_mode"],
-    )
+    clara = settings.model_config(c["mem_token_ids"])
     return tok, model, clara

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clara_jax.interop.safetensors_io import SafetensorsFile
+from clara_jax.formats.safetensors_io import SafetensorsFile
 from clara_jax.model.decoder import Decoder
 from clara_jax.model.lora import ALL_LINEAR, PROJECTION_PATHS, LoRAConfig
 

@@ -15,11 +15,16 @@ import jax
 import jax.numpy as jnp
 
 from clara_jax.model.decoder import Decoder
+from clara_jax.model.topk import SCORE_FUNCTIONS
 
 COMPRESSOR = "compressor"
 QUERY_REASONER = "query_reasoner"
 GENERATOR = "generator"
 ROLES = (COMPRESSOR, QUERY_REASONER, GENERATOR)
+# Stage 3's objective: the generator's CE through the top-k (the paper's method), a multi-positive
+# InfoNCE on the gold candidates (the official `stage2_pretrain_retrieval`, the paper's "Sup-"
+# retriever baseline), or their sum (CE + infonce_weight · InfoNCE).
+RETRIEVAL_LOSSES = ("lm", "infonce", "lm+infonce")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +38,19 @@ class ClaraConfig:
     top_k: int = 5
     temperature: float = 0.02
     topk_mask_mode: str = "exact"  # "official" reproduces the log(mask + 1e-8) of the release
+    retrieval_score: str = "cosine"  # or "dot": the official MIPS branch (unnormalised inner product)
+    retrieval_loss: str = "lm"  # one of RETRIEVAL_LOSSES
+    infonce_weight: float = 1.0  # the InfoNCE term's factor (retrieval_loss "infonce" / "lm+infonce")
 
     def __post_init__(self):
+        if self.retrieval_score not in SCORE_FUNCTIONS:
+            raise ValueError(
+                f"retrieval_score must be one of {SCORE_FUNCTIONS}, got {self.retrieval_score!r}"
+            )
+        if self.retrieval_loss not in RETRIEVAL_LOSSES:
+            raise ValueError(f"retrieval_loss must be one of {RETRIEVAL_LOSSES}, got {self.retrieval_loss!r}")
+        if not self.infonce_weight > 0:
+            raise ValueError(f"infonce_weight must be > 0, got {self.infonce_weight}")
         if not 1 <= self.compression_rate <= self.doc_max_length:
             raise ValueError(
                 f"compression_rate={self.compression_rate} must be in [1, doc_max_length={self.doc_max_length}]"

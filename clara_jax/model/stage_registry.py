@@ -3,15 +3,15 @@
 | stage  | trains                     | <MEM*> rows | starts from | records   | loss                                |
 |--------|----------------------------|-------------|-------------|-----------|-------------------------------------|
 | stage1 | compressor + generator     | trained     | (the base)  | SCP QA/paraphrase | CE + λ·MSE, 1 doc per example |
-| stage2 | compressor + generator     | trained     | stage1      | instruct  | CE + λ·MSE over k docs, given order |
+| stage2 | compressor + generator     | held        | stage1      | instruct  | CE + λ·MSE over k docs, given order |
 | stage3 | query reasoner + generator | frozen      | stage2      | retrieval | CE through the straight-through top-k |
 
-Stage 3 freezes the <MEM*> rows (the official code lets the query reasoner's gradient move them,
-which silently changes what the "frozen" compressor produces): with them frozen, an index of
-compressed documents built before stage 3 stays exact, and the step may read cached candidate
-embeddings instead of re-compressing B×N documents. The official release also stops training the
-rows from stage 2 on, but only as a side effect of how PEFT reloads adapters; we keep training them
-in stage 2, where the compressor still learns.
+Only stage 1 trains the <MEM*> rows, as in the official release (CLARA_SPEC erratum: its stages 2
+and 3 reload the model through PEFT, which leaves only LoRA weights trainable). Stage 2 *holds*
+them: the rows ride unchanged in its train state and checkpoints, so stage 3 inherits stage 1's rows
+from stage 2's checkpoint; `clara.stage2_trains_mem_rows=true` trains them there instead. Stage 3
+keeps them out of its state altogether: an index of compressed documents built before stage 3 stays
+exact, and the step may read cached candidate embeddings instead of re-compressing B×N documents.
 
 This sits in the model layer because it names adapter roles; the data layer reads `retrieval` and
 `record_kind`, the training layer everything else.
@@ -28,7 +28,8 @@ from clara_jax.model.clara import COMPRESSOR, GENERATOR, QUERY_REASONER
 class Stage:
     name: str
     adapters: tuple[str, ...]  # the adapters this stage trains
-    trains_mem_rows: bool
+    trains_mem_rows: bool  # by default (stage 2's `clara.stage2_trains_mem_rows` may switch it on)
+    keeps_mem_rows: bool  # the rows are in the stage's train state and checkpoints (trained or held)
     starts_from: str | None  # the stage whose checkpoint `init_from` must name
     inherits: tuple[str, ...]  # adapters copied from that checkpoint (the <MEM*> rows always are)
     query_from_compressor: bool  # the query reasoner starts as a copy of the trained compressor
@@ -43,6 +44,7 @@ STAGE_LIST = (
         "stage1",
         adapters=(COMPRESSOR, GENERATOR),
         trains_mem_rows=True,
+        keeps_mem_rows=True,
         starts_from=None,
         inherits=(),
         query_from_compressor=False,
@@ -54,7 +56,8 @@ STAGE_LIST = (
     Stage(
         "stage2",
         adapters=(COMPRESSOR, GENERATOR),
-        trains_mem_rows=True,
+        trains_mem_rows=False,
+        keeps_mem_rows=True,
         starts_from="stage1",
         inherits=(COMPRESSOR,),
         query_from_compressor=False,
@@ -67,6 +70,7 @@ STAGE_LIST = (
         "stage3",
         adapters=(QUERY_REASONER, GENERATOR),
         trains_mem_rows=False,
+        keeps_mem_rows=False,
         starts_from="stage2",
         inherits=(COMPRESSOR, GENERATOR),
         query_from_compressor=True,

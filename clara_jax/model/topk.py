@@ -28,6 +28,23 @@ _OFFICIAL_TAKEN_LOGIT = float(np.log(np.float32(1e-8)))
 COSINE_EPS = 1e-12
 
 
+SCORE_FUNCTIONS = ("cosine", "dot")
+# The temperature the official code divides each score by before its top-k (modeling_clara.py at
+# commit 857c3cf): cosine 0.02 (L1452, L686); the dot-product ("MIPS") branch 1 in training (L1436)
+# and 0.5 at inference (L650). The inference value never changes a hard pick; `clara.temperature`
+# is the one knob here, so a run reproducing the dot branch sets it to OFFICIAL_TEMPERATURE["dot"].
+OFFICIAL_TEMPERATURE = {"cosine": 0.02, "dot": 1.0}
+OFFICIAL_INFERENCE_TEMPERATURE = {"cosine": 0.02, "dot": 0.5}
+
+
+def _score_inputs(queries, candidates):
+    q = jnp.asarray(queries).astype(jnp.float32)
+    c = jnp.asarray(candidates).astype(jnp.float32)
+    if q.ndim != 2 or c.ndim != 3 or c.shape[0] != q.shape[0] or c.shape[2] != q.shape[1]:
+        raise ValueError(f"expected queries [B, D] and candidates [B, N, D], got {q.shape} and {c.shape}")
+    return q, c
+
+
 def cosine_scores(queries: jax.Array, candidates: jax.Array, eps: float = COSINE_EPS) -> jax.Array:
     """Cosine similarity [B, N] in float32, the scores stage 3 ranks candidates by.
 
@@ -38,15 +55,30 @@ def cosine_scores(queries: jax.Array, candidates: jax.Array, eps: float = COSINE
     The norm is written as sqrt(max(sum x^2, eps^2)) (equal to max(||x||, eps)) so that the gradient
     at a zero vector is 0 rather than NaN.
     """
-    q = jnp.asarray(queries).astype(jnp.float32)
-    c = jnp.asarray(candidates).astype(jnp.float32)
-    if q.ndim != 2 or c.ndim != 3 or c.shape[0] != q.shape[0] or c.shape[2] != q.shape[1]:
-        raise ValueError(f"expected queries [B, D] and candidates [B, N, D], got {q.shape} and {c.shape}")
+    q, c = _score_inputs(queries, candidates)
     eps2 = jnp.float32(eps) ** 2
     q = q / jnp.sqrt(jnp.maximum(jnp.sum(q * q, axis=-1, keepdims=True), eps2))
     c = c / jnp.sqrt(jnp.maximum(jnp.sum(c * c, axis=-1, keepdims=True), eps2))
     # HIGHEST: on TPU the default matmul precision is bf16-like, which is too coarse at tau=0.02.
     return jnp.einsum("bd,bnd->bn", q, c, precision=jax.lax.Precision.HIGHEST)
+
+
+def dot_scores(queries: jax.Array, candidates: jax.Array) -> jax.Array:
+    """Raw inner products [B, N] in float32: the official "MIPS" branch (`stage2_mips`), which
+    scores unnormalised query-reasoner and document vectors. The official code multiplies in the
+    vectors' own dtype (bf16); here they are upcast first, as in `cosine_scores`."""
+    q, c = _score_inputs(queries, candidates)
+    return jnp.einsum("bd,bnd->bn", q, c, precision=jax.lax.Precision.HIGHEST)
+
+
+def retrieval_scores(queries: jax.Array, candidates: jax.Array, score: str = "cosine") -> jax.Array:
+    """[B, N] scores of `score` ("cosine" or "dot", `clara.retrieval_score`): the one function
+    stage-3 training, its InfoNCE term and every inference-time ranking share."""
+    if score == "cosine":
+        return cosine_scores(queries, candidates)
+    if score == "dot":
+        return dot_scores(queries, candidates)
+    raise ValueError(f"score must be one of {SCORE_FUNCTIONS}, got {score!r}")
 
 
 def _concrete_numpy(x) -> np.ndarray | None:

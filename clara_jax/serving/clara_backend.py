@@ -48,8 +48,8 @@ class ClaraBackend:
 
     @classmethod
     def load(cls, model_dir: str, index_dir: str, *, batch_size: int = 8) -> ClaraBackend:
+        from clara_jax.formats.model_dir import model_fingerprint
         from clara_jax.inference.clara_model import load_inference
-        from clara_jax.inference.export import model_fingerprint
 
         index = EmbeddingIndex.open(index_dir)
         inference = load_inference(model_dir, batch_size=batch_size)

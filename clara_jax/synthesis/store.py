@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from clara_jax import file_io
+from clara_jax.formats import jsonl
 
 
 class StoreError(RuntimeError):
@@ -44,17 +45,19 @@ def _append(path: Path, data: bytes) -> int:
 
 
 def read_ledger(path: Path) -> tuple[list[dict], int]:
-    """(complete entries, byte length of the complete prefix); a torn or garbled tail is ignored."""
+    """(complete entries, byte length of the complete prefix); a torn or garbled tail is ignored.
+
+    Read by `jsonl.lines` with every byte kept (blank lines and a byte-order mark too): the prefix
+    length is where a reopened store truncates the ledger."""
     if not path.exists():
         return [], 0
-    data = path.read_bytes()
     entries, good = [], 0
-    for line in data.splitlines(keepends=True):
+    for _, line in jsonl.lines(path, keep_blank=True, strip_bom=False):
         if not line.endswith(b"\n"):
             break
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
+            entry = jsonl.decode(line)
+        except ValueError:  # a JsonProblem: a line the writer did not finish or that was damaged
             break
         if not isinstance(entry, dict) or "doc" not in entry or "records_end" not in entry:
             break

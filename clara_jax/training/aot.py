@@ -305,13 +305,13 @@ def compile_stage(
 
     from clara_jax.parallel.mesh import describe
     from clara_jax.parallel.rules import logical_to_spec, parse_rules
-    from clara_jax.training.run_spec import optimizer_config
-    from clara_jax.training.stages import stage_program, stage_spec
+    from clara_jax.training.run_spec import optimizer_config, stage_spec_of
+    from clara_jax.training.stages import stage_program
 
     mesh = _mesh_for(config, devices, topology, dcn_spec)
     rules = parse_rules(config.sharding_rules)
     model, clara = abstract_model(config)
-    spec = stage_spec(config.stage, docs_per_example=config.clara.docs_per_example)
+    spec = stage_spec_of(config)
     batch = abstract_batch(config, clara.n_mem, gen_length, query_length)
     # the program `clara-jax train` runs (training/loop.py starts it with stage_program(...).start())
     program = stage_program(

@@ -20,6 +20,7 @@ from flax import nnx
 
 from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
 from clara_jax.data.tokenizer import ClaraTokenizer, load_tokenizer
+from clara_jax.formats import checkpoint_meta
 from clara_jax.interop.gguf import resolve_model_path
 from clara_jax.interop.hf import load_decoder
 from clara_jax.model import factory
@@ -158,12 +159,12 @@ def init_from_previous_stage(built: BuiltModel, config, workdir: str) -> dict:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     ckpt = Checkpointer(ckpt_dir, async_save=False)
     try:
-        meta = ckpt.restore_meta()
-        check_chain(config, meta["config"], ckpt_dir)
-        prev = stage_spec(meta["config"]["stage"])
-        _, prev_params, _ = split_trainable(built.model, prev.adapters, prev.train_mem_rows)
+        previous = checkpoint_meta.saved_config(ckpt.restore_meta(), ckpt_dir)
+        check_chain(config, previous, ckpt_dir)
+        prev = stage_spec(previous["stage"])
+        _, prev_params, _ = split_trainable(built.model, prev.adapters, prev.state_has_rows)
         # the previous run saved a whole TrainState: restore into that layout, keep its params
-        tx = make_optimizer(optimizer_config(meta["config"]))
+        tx = make_optimizer(optimizer_config(previous))
         abstract = abstract_like(TrainState.create(prev_params, tx, jax.random.key_data(jax.random.key(0))))
         restored = ckpt.restore_latest(abstract)
         if restored is None:

@@ -11,11 +11,12 @@ rotation delete the old run's checkpoints. So every checkpoint records the shape
 array of its state (`state_structure` in its meta); before restoring, that is compared with the
 state this run expects, and a difference raises `CheckpointMismatch` naming the settings that
 changed. Nothing is loaded or deleted.
+
+What the meta holds, and where it sits in a step's directory, is `clara_jax.formats.checkpoint_meta`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from clara_jax.formats import checkpoint_meta
 from clara_jax.training.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -101,11 +103,11 @@ class Checkpointer:
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta")
+            self.directory, options=options, item_names=checkpoint_meta.ITEMS
         )
 
     def save(self, step: int, state, data_state: dict, meta: dict, *, wait: bool = False) -> None:
-        meta = {**meta, "state_structure": state_structure(state)}
+        meta = checkpoint_meta.with_state_structure(meta, state_structure(state))
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
@@ -126,10 +128,11 @@ class Checkpointer:
         except Exception as err:  # noqa: BLE001 - unreadable meta is corruption, handled by the caller
             self._warn_unreadable(step, err)
             return False
-        saved = meta.get("state_structure") if isinstance(meta, dict) else None
+        saved = checkpoint_meta.saved_structure(meta)
         if saved is not None and saved != expected:
             where = f"checkpoint {self.directory}/{step}"
-            raise CheckpointMismatch(_mismatch_message(where, saved, expected, meta.get("config"), config))
+            saved_config = meta.get(checkpoint_meta.CONFIG)
+            raise CheckpointMismatch(_mismatch_message(where, saved, expected, saved_config, config))
         return True  # (a checkpoint from before state_structure existed: the restore decides)
 
     def _warn_unreadable(self, step: int, err: BaseException) -> None:
@@ -169,15 +172,15 @@ class Checkpointer:
         return None
 
     def restore_meta(self, step: int | None = None) -> dict:
-        """The config saved with a checkpoint (for chaining stages), without loading arrays."""
+        """The meta saved with a checkpoint (`clara_jax.formats.checkpoint_meta`: its config, for
+        chaining stages), without loading arrays."""
         steps = self.steps()
         if not steps:
             raise FileNotFoundError(f"{self.directory}: no checkpoint found")
         step = steps[-1] if step is None else step
-        path = os.path.join(self.directory, str(step), "meta", "metadata")
+        path = checkpoint_meta.meta_path(self.directory, step)
         if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
+            return checkpoint_meta.read_meta(path)
         return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
     def wait(self) -> None:

@@ -4,7 +4,8 @@ The training recall is measured on the batch the step just trained on; this one 
 fixed set of dev questions, so a curve of it says whether the query reasoner generalises. Stage 3
 freezes the compressor and the <MEM*> rows, so the candidates' memory vectors are computed once
 and cached; each evaluation only encodes the questions with the query reasoner (one jitted
-program, fixed shapes) and ranks the candidates by cosine, as `clara-jax eval --mode rerank` does.
+program, fixed shapes) and ranks the candidates by the run's score (`clara.retrieval_score`,
+cosine by default), as `clara-jax eval --mode rerank` does.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from clara_jax.data.pipeline import encoder_rows
 from clara_jax.data.tokenizer import ClaraTokenizer
 from clara_jax.model.clara import ClaraConfig, compress, encode_query
-from clara_jax.model.topk import cosine_scores
+from clara_jax.model.topk import retrieval_scores
 from clara_jax.training.objectives import recall_at
 
 
@@ -59,11 +60,11 @@ class DevRetrieval:
         self._doc_max_length, self._bucket, self._clara = clara.doc_max_length, bucket, clara
         self._tok = tok
         self._memory = None  # [Q, N, n_mem·D], filled on first use (the compressor is frozen)
-        n_mem, ks_ = clara.n_mem, self.ks
+        n_mem, ks_, score = clara.n_mem, self.ks, clara.retrieval_score
 
         def ranks(model, ids, mask, memory, positives):
             query = encode_query(model, ids, mask, n_mem)
-            scores = cosine_scores(query, memory)
+            scores = retrieval_scores(query, memory, score)
             _, indices = jax.lax.top_k(scores, max(ks_))
             return {f"recall@{k}": recall_at(indices, positives, k) for k in ks_}
 

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from clara_jax.data.pipeline import BatchIterator
+from clara_jax.data.pipeline import BatchIterator, TokenStats, count_dropped_positives
 from clara_jax.data.sources import read_records, require_records
 from clara_jax.interop.gguf import resolve_model_path
 from clara_jax.model.flops import forward_flops, lora_train_flops, measured_matmul_flops
@@ -42,8 +42,8 @@ from clara_jax.training.checkpoint import Checkpointer, abstract_like
 from clara_jax.training.config import ConfigError
 from clara_jax.training.dev_retrieval import DevRetrieval
 from clara_jax.training.metrics import MetricsWriter, plot_history
-from clara_jax.training.run_spec import layout_config, optimizer_config
-from clara_jax.training.stages import stage_program, stage_spec
+from clara_jax.training.run_spec import layout_config, optimizer_config, stage_spec_of
+from clara_jax.training.stages import stage_program
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,20 @@ def dev_retrieval(config, built) -> DevRetrieval | None:
     )
 
 
+def warn_dropped_positives(stats: TokenStats, candidates: int, where: str) -> str | None:
+    """Stage 3 reads each question's first `data.candidates` documents: a gold passage (pos_index)
+    beyond them is never a candidate. Never silently: warn with the counts (the message, or None)."""
+    if not stats.positives_dropped:
+        return None
+    message = (
+        f"{where}: {stats.positives_dropped} of {stats.positives} gold passages (pos_index), in "
+        f"{stats.examples_positives_dropped} of {stats.examples} questions, lie beyond the first "
+        f"data.candidates={candidates} candidates and are dropped; raise data.candidates to keep them"
+    )
+    log.warning("%s", message)
+    return message
+
+
 def _finite(metrics: dict) -> bool:
     return all(math.isfinite(float(v)) for v in metrics.values())
 
@@ -227,6 +241,9 @@ def run_training(
         docs_per_example=None if spec.retrieval else config.clara.docs_per_example,
     )
     log.info("%s", report.summary())
+    if spec.retrieval:
+        candidates = config.data.candidates
+        warn_dropped_positives(count_dropped_positives(records, candidates), candidates, config.data.train)
     global_size = config.batch.global_size
     require_records(records, report, at_least=global_size, purpose=f"one global batch of {global_size}")
     _check_steps_fit_data(config, len(records))
@@ -261,7 +278,7 @@ def run_training(
 
     batches = make_batches(config.data.num_epochs)
     total_steps = config.total_steps or batches.total_steps
-    spec = stage_spec(stage, docs_per_example=config.clara.docs_per_example)
+    spec = stage_spec_of(config)
     first = next(make_batches(1))  # shapes only: the step's shardings depend on ranks, not lengths
     trainer = stage_program(
         built.model,
@@ -427,4 +444,6 @@ def run_training(
     ):
         if cut:
             log.warning("%s truncated to %s: %d of %d", what, limit, cut, of)
+    if get_stage(stage).retrieval:  # (`spec` is the StageSpec by now)
+        warn_dropped_positives(stats, config.data.candidates, "the batches trained on")
     return RunSummary(workdir, stage, start_step, step, preempted, final_metrics, plots)

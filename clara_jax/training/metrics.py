@@ -13,7 +13,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from clara_jax.file_io import read_json_lines, write_bytes_atomic
+from clara_jax.file_io import write_bytes_atomic
+from clara_jax.formats.jsonl import read_json_lines
 
 # Stage-3 numbers that explain the recall curve (clara_jax/training/retrieval_diagnostics.py).
 RETRIEVAL_DIAGNOSTICS = ("score_std", "topk_gap", "topk_entropy", "gold_outside_topk")
@@ -78,7 +79,7 @@ def plot_history(workdir: str, keys: Iterable[str] | None = None) -> list[str]:
     available = sorted({k for r in rows for k in r if k != "step"})
     keys = [k for k in (keys or available) if k in available]
     groups = {
-        "loss": [k for k in keys if k.rsplit("/", 1)[-1] in ("loss", "ce", "mse")],
+        "loss": [k for k in keys if k.rsplit("/", 1)[-1] in ("loss", "ce", "mse", "infonce")],
         "recall": [k for k in keys if "recall@" in k],
         "accuracy": [k for k in keys if "accuracy" in k],
         "learning_rate": [k for k in keys if k.endswith("learning_rate")],

@@ -8,7 +8,8 @@ Batches are dicts of arrays (clara_jax.data.layouts builds them):
               (cached from an index); cand_valid, positives [B, N] bool; gen_* as above.
 
 The cross-entropy is the mean over target tokens of the micro-batch, as the official code
-computes it; gradient accumulation then averages micro-batch means (training/step.py).
+computes it; gradient accumulation then averages micro-batch means (training/step.py). The stage-3
+InfoNCE term (`clara.retrieval_loss`) is likewise the mean over the micro-batch's labelled questions.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from clara_jax.model.clara import (
+    RETRIEVAL_LOSSES,
     ClaraConfig,
     compress,
     encode_query,
@@ -24,7 +26,7 @@ from clara_jax.model.clara import (
     select_documents,
 )
 from clara_jax.model.stage_registry import get_stage
-from clara_jax.model.topk import cosine_scores, differentiable_topk
+from clara_jax.model.topk import differentiable_topk, retrieval_scores
 from clara_jax.training.retrieval_diagnostics import retrieval_diagnostics
 
 
@@ -47,6 +49,34 @@ def recall_at(indices, positives, k: int):
     n_pos = positives.sum(axis=1)
     per_question = jnp.where(n_pos > 0, hit.sum(axis=1) / jnp.maximum(n_pos, 1), 0.0)
     return per_question.mean()
+
+
+def infonce_loss(scores, positives, valid, temperature):
+    """Multi-positive InfoNCE over a question's candidates: (mean loss, labelled questions).
+
+    Per question, with logits s / tau over its valid candidates V and gold set P = positives ∩ V:
+        loss = logsumexp_{n in V} logits_n - logsumexp_{n in P} logits_n = -log sum_{p in P} softmax(logits)_p
+    i.e. the positives share one softmax and the loss rewards their summed probability, as the
+    official `_forward_stage2_pretrain_batch` (modeling_clara.py L1500-1508): a question with
+    several gold documents is satisfied once their total mass is high, whichever of them holds it.
+    Padded candidates (valid False) are in neither sum. Questions without a valid positive are
+    left out of the mean; a micro-batch without any gives 0 (the official code's mean over an
+    empty set is NaN). The temperature is floored at 1e-6, as the top-k's.
+
+    scores [B, N] (the top-k's scores, before the temperature), positives / valid [B, N] bool.
+    """
+    tau = jnp.maximum(jnp.asarray(temperature, dtype=jnp.float32), 1e-6)
+    logits = scores.astype(jnp.float32) / tau
+    valid = valid.astype(bool)
+    pos = positives.astype(bool) & valid
+    labelled = pos.any(axis=1)
+    # rows without a positive are fed zeros (not all -inf) so neither value nor gradient sees NaN
+    every = jnp.where(labelled[:, None], jnp.where(valid, logits, -jnp.inf), 0.0)
+    gold = jnp.where(labelled[:, None], jnp.where(pos, logits, -jnp.inf), 0.0)
+    per_question = jax.nn.logsumexp(every, axis=1) - jax.nn.logsumexp(gold, axis=1)
+    n = labelled.sum().astype(jnp.float32)
+    loss = jnp.where(labelled, per_question, 0.0).sum() / jnp.maximum(n, 1.0)
+    return loss, n
 
 
 def _generator_loss(model, batch, memory, cfg: ClaraConfig, rng):
@@ -95,13 +125,19 @@ def retrieval_loss(
     straight_through: bool = True,
     candidate_dropout: bool = False,
 ):
-    """Stage 3: query reasoner -> cosine scores -> straight-through top-k -> generator CE.
+    """Stage 3: query reasoner -> scores -> straight-through top-k -> generator CE (and/or InfoNCE).
 
-    The compressor is frozen: the only path from the loss to the query reasoner is the top-k
+    The compressor is frozen: the only path from the CE to the query reasoner is the top-k
     weights W, exactly as in CLaRa's Algorithm 1. `straight_through=False` cuts that path (the
     forward is unchanged): the control run of the stage-3 experiment, in which the query
-    reasoner receives no gradient at all. `candidate_dropout` compresses the candidates with the
+    reasoner receives no gradient from the CE. `candidate_dropout` compresses the candidates with the
     compressor's LoRA dropout on (the official behaviour; it rules out the candidate cache).
+
+    `cfg.retrieval_score` picks cosine or raw dot-product scores (the official MIPS branch);
+    `cfg.retrieval_loss` picks the objective: "lm" (CE only, the paper's method), "infonce" (the
+    supervised-retriever baseline: InfoNCE on `positives`, no generator pass at all, as the
+    official `stage2_pretrain_retrieval`) or "lm+infonce" (CE + infonce_weight · InfoNCE). The
+    InfoNCE uses the top-k's scores and temperature, without the Gumbel noise.
     """
     rng_q, rng_g, rng_t = jax.random.split(rng, 3) if train else (None, None, None)
     query = encode_query(model, batch["query_ids"], batch["query_mask"], cfg.n_mem, dropout_rng=rng_q)
@@ -109,7 +145,7 @@ def retrieval_loss(
     rng_c = jax.random.fold_in(rng, 3) if train and candidate_dropout else None
     memory = candidate_memory(model, batch, cfg, dropout_rng=rng_c)
     b, n = memory.shape[:2]
-    scores = cosine_scores(query, memory.reshape(b, n, -1))
+    scores = retrieval_scores(query, memory.reshape(b, n, -1), cfg.retrieval_score)
     weights, indices = differentiable_topk(
         scores,
         cfg.top_k,
@@ -118,11 +154,21 @@ def retrieval_loss(
         key=rng_t if gumbel else None,
         valid_mask=batch["cand_valid"],
     )
-    if not straight_through:
-        weights = jax.lax.stop_gradient(weights)
-    selected = select_documents(weights, memory)
-    ce, acc, n_tokens = _generator_loss(model, batch, selected, cfg, rng_g)
-    metrics = {"loss": ce, "ce": ce, "token_accuracy": acc, "target_tokens": n_tokens}
+    if cfg.retrieval_loss not in RETRIEVAL_LOSSES:
+        raise ValueError(f"retrieval_loss must be one of {RETRIEVAL_LOSSES}, got {cfg.retrieval_loss!r}")
+    loss, metrics = jnp.float32(0.0), {}
+    if cfg.retrieval_loss in ("lm", "lm+infonce"):
+        if not straight_through:
+            weights = jax.lax.stop_gradient(weights)
+        selected = select_documents(weights, memory)
+        ce, acc, n_tokens = _generator_loss(model, batch, selected, cfg, rng_g)
+        loss = loss + ce
+        metrics.update(ce=ce, token_accuracy=acc, target_tokens=n_tokens)
+    if cfg.retrieval_loss in ("infonce", "lm+infonce"):
+        nce, n_labelled = infonce_loss(scores, batch["positives"], batch["cand_valid"], cfg.temperature)
+        loss = loss + cfg.infonce_weight * nce
+        metrics.update(infonce=nce, infonce_questions=n_labelled)
+    metrics["loss"] = loss
     for k in sorted({1, min(3, cfg.top_k), cfg.top_k}):
         metrics[f"recall@{k}"] = recall_at(indices, batch["positives"], k)
     metrics.update(
@@ -135,7 +181,7 @@ def retrieval_loss(
             mask_mode=cfg.topk_mask_mode,
         )
     )
-    return ce, metrics
+    return loss, metrics
 
 
 def stage_loss_fn(

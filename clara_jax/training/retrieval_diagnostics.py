@@ -4,7 +4,7 @@ The straight-through top-k only teaches the query reasoner if its soft distribut
 on more than the picked document and if the scores can still move the ranking. These numbers,
 logged with the loss, make a flat stage 3 explainable:
 
-- `score_std`: spread of the candidate cosine scores (mean over questions). Against the
+- `score_std`: spread of the candidate scores (cosine or dot; mean over questions). Against the
   temperature it says how peaked the softmax is (logit spread = score_std / tau).
 - `topk_gap`: mean top-k score minus mean score of the other candidates.
 - `topk_entropy`: entropy (nats) of the soft top-k rows, i.e. of each filled slot's masked
@@ -34,7 +34,7 @@ def retrieval_diagnostics(
 ) -> dict:
     """Scalars describing one batch's retrieval: see the module docstring.
 
-    scores [B, N] (cosine, before the temperature), indices [B, k] (hard picks, -1 = unfilled),
+    scores [B, N] (cosine or dot, before the temperature), indices [B, k] (hard picks, -1 = unfilled),
     positives / valid [B, N] bool.
     """
     scores = jax.lax.stop_gradient(scores.astype(jnp.float32))

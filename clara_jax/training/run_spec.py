@@ -1,8 +1,8 @@
 """A run config (configs/*.py: a ConfigDict, or its saved dict) as typed settings, read in one place.
 
 Each section becomes a frozen dataclass that checks its own fields in `__post_init__`: the ones the
-model, data and optimizer code already take (LoRAConfig, LayoutConfig, OptimizerConfig, MeshConfig)
-or a small one here. `RunSpec.from_config` builds every section, adds the checks that span sections,
+model, data and optimizer code already take (LoRAConfig, LayoutConfig, OptimizerConfig, MeshConfig,
+ClaraSettings, which a saved model directory's clara section is read with too) or a small one here. `RunSpec.from_config` builds every section, adds the checks that span sections,
 and raises one ConfigError listing every problem, before anything heavy starts.
 """
 
@@ -11,16 +11,16 @@ from __future__ import annotations
 import dataclasses
 
 from clara_jax.data.pipeline import LayoutConfig
-from clara_jax.model.clara import ClaraConfig
+from clara_jax.model.clara_settings import ClaraSettings
 from clara_jax.model.decoder import REMAT_POLICIES, DTypePolicy
 from clara_jax.model.field_checks import Check, SettingsError, check_fields, field_problems
 from clara_jax.model.lora import LoRAConfig
 from clara_jax.model.presets import PRESETS
 from clara_jax.model.stage_registry import STAGE_NAMES, Stage, get_stage
-from clara_jax.model.topk import MASK_MODES
 from clara_jax.parallel.mesh import MeshConfig
 from clara_jax.parallel.rules import parse_rules
 from clara_jax.training.optimizer import OptimizerConfig
+from clara_jax.training.stages import StageSpec, stage_spec
 
 
 class ConfigError(ValueError):
@@ -59,47 +59,6 @@ class ModelSettings:
             ("model.remat", self.remat, self.remat in REMAT_POLICIES, f"one of {sorted(REMAT_POLICIES)}"),
         )
         object.__setattr__(self, "dtype", policy)
-
-
-@dataclasses.dataclass(frozen=True)
-class ClaraSettings:
-    """`clara.*`: ClaraConfig's method settings, checked before the tokenizer (which gives the
-    <MEM*> ids) is loaded; `model_config` adds the ids."""
-
-    doc_max_length: int = 256
-    compression_rate: int = 32
-    mse_weight: float = 0.1
-    top_k: int = 5
-    temperature: float = 0.02
-    topk_mask_mode: str = "exact"
-
-    def __post_init__(self):
-        rate, length = self.compression_rate, self.doc_max_length
-        check_fields(
-            (
-                "clara.compression_rate",
-                rate,
-                1 <= rate <= min(256, length),
-                "in [1, min(256, doc_max_length)]",
-            ),
-            ("clara.doc_max_length", length, length >= 1, ">= 1"),
-            ("clara.mse_weight", self.mse_weight, self.mse_weight >= 0, ">= 0"),
-            ("clara.top_k", self.top_k, self.top_k >= 1, ">= 1"),
-            ("clara.temperature", self.temperature, self.temperature > 0, "> 0"),
-            (
-                "clara.topk_mask_mode",
-                self.topk_mask_mode,
-                self.topk_mask_mode in MASK_MODES,
-                f"one of {MASK_MODES}",
-            ),
-        )
-
-    @property
-    def n_mem(self) -> int:
-        return self.doc_max_length // self.compression_rate
-
-    def model_config(self, mem_token_ids) -> ClaraConfig:
-        return ClaraConfig(mem_token_ids=tuple(mem_token_ids), **dataclasses.asdict(self))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +128,7 @@ def _from_section(cls, section):
 
 
 def clara_settings(c) -> ClaraSettings:
-    return _from_section(ClaraSettings, c.clara)
+    return ClaraSettings.from_section(c.clara)
 
 
 def lora_config(c) -> LoRAConfig:
@@ -204,6 +163,19 @@ def optimizer_config(c, total_steps: int | None = None) -> OptimizerConfig:
         b2=o["b2"],
         weight_decay=o["weight_decay"],
         clip_norm=o["clip_norm"],
+    )
+
+
+def stage_spec_of(c) -> StageSpec:
+    """The run's StageSpec: the registry's stage, `clara.docs_per_example`, and whether stage 2
+    trains the <MEM*> rows it otherwise holds (`clara.stage2_trains_mem_rows`; the official code
+    freezes them from stage 2 on)."""
+    stage = get_stage(c.stage)
+    holds_rows = stage.keeps_mem_rows and not stage.trains_mem_rows
+    return stage_spec(
+        stage.name,
+        docs_per_example=c.clara.docs_per_example,
+        train_mem_rows=True if holds_rows and c.clara.stage2_trains_mem_rows else None,
     )
 
 

@@ -29,19 +29,30 @@ from clara_jax.training.trainable import split_trainable
 class StageSpec:
     name: str
     adapters: tuple
-    train_mem_rows: bool
+    train_mem_rows: bool  # the optimizer updates the <MEM*> rows
     docs_per_example: int = 1
+    keep_mem_rows: bool = False  # the rows are in the train state (and checkpoints) even when held
+
+    @property
+    def state_has_rows(self) -> bool:
+        return self.train_mem_rows or self.keep_mem_rows
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        """Parts of the train state carried unchanged by the step (make_train_step's `held`)."""
+        return ("embed_rows",) if self.keep_mem_rows and not self.train_mem_rows else ()
 
 
 def stage_spec(stage: str, *, docs_per_example: int = 1, train_mem_rows: bool | None = None) -> StageSpec:
-    """The registry's stage, with the <MEM*> rows optionally frozen where they would train."""
+    """The registry's stage; `train_mem_rows` overrides its default where the rows are in the state
+    (stage 2's `clara.stage2_trains_mem_rows`; False holds stage 1's)."""
     s = get_stage(stage)
-    if train_mem_rows and not s.trains_mem_rows:
+    if train_mem_rows and not s.keeps_mem_rows:
         raise ValueError(
             f"{stage} keeps the <MEM*> rows frozen: training them would change the frozen compressor"
         )
     rows = s.trains_mem_rows if train_mem_rows is None else train_mem_rows
-    return StageSpec(stage, s.adapters, rows, docs_per_example)
+    return StageSpec(stage, s.adapters, rows, docs_per_example, keep_mem_rows=s.keeps_mem_rows)
 
 
 @dataclasses.dataclass
@@ -109,7 +120,7 @@ def stage_program(
 
     `example_batch` only provides shapes ([micro_steps, batch, ...] per leaf).
     """
-    graphdef, trainable, frozen = split_trainable(model, spec.adapters, spec.train_mem_rows)
+    graphdef, trainable, frozen = split_trainable(model, spec.adapters, spec.state_has_rows)
     tx = make_optimizer(optim)
     schedule = learning_rate_schedule(optim)
     abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.key(seed)), trainable)
@@ -133,5 +144,7 @@ def stage_program(
         with activation_sharding(constrain):
             return stage_loss(model, batch, rng)
 
-    step = compile_train_step(make_train_step(graphdef, loss_fn, tx, schedule), shardings, mesh)
+    step = compile_train_step(
+        make_train_step(graphdef, loss_fn, tx, schedule, held=spec.held), shardings, mesh
+    )
     return StageProgram(step, graphdef, trainable, frozen, abstract_state, tx, schedule, shardings, seed)

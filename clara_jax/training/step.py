@@ -49,11 +49,35 @@ def adapter_grad_norms(grads) -> dict:
     return {f"grad_norm/{role}": optax.tree.norm(tree) for role, tree in adapters.items()}
 
 
-def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, schedule=None):
+def _top_key(path) -> str:
+    entry = path[0]
+    return str(getattr(entry, "key", getattr(entry, "name", entry)))
+
+
+def _map_held(tree, held: tuple[str, ...], fn):
+    """`tree` (params, grads or updates) with `fn` applied to the leaves under the top-level keys
+    named in `held`; the tree's own type is kept."""
+    if not held:
+        return tree
+    return jax.tree_util.tree_map_with_path(lambda path, x: fn(x) if _top_key(path) in held else x, tree)
+
+
+def make_train_step(
+    graphdef,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule=None,
+    held: tuple[str, ...] = (),
+):
     """`step(state, frozen, batch) -> (state, metrics)`; every batch leaf is [micro_steps, ...].
 
     Gradients and metrics are averaged over micro-batches (each micro-batch loss is itself a
     token mean, as in the official DeepSpeed runs). Everything stays on device.
+
+    `held` names top-level parts of the state's params that ride along unchanged (the <MEM*> rows
+    of stage 2, kept in its checkpoints so stage 3 inherits stage 1's rows): no gradient reaches
+    them, so neither the clipping norm nor Adam's moments see them, and their update is zero
+    (weight decay included).
     """
 
     def step(state: TrainState, frozen, batch):
@@ -61,6 +85,7 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
         micro_steps = jax.tree.leaves(batch)[0].shape[0]
 
         def loss_of(params, micro_batch, key):
+            params = _map_held(params, held, jax.lax.stop_gradient)
             return loss_fn(nnx.merge(graphdef, params, frozen), micro_batch, key)
 
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)
@@ -80,6 +105,7 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
         grads = jax.tree.map(lambda g: g / micro_steps, grads)
         metrics = {k: v / micro_steps for k, v in metrics.items()}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates = _map_held(updates, held, jnp.zeros_like)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics.update(adapter_grad_norms(grads))
