@@ -103,6 +103,15 @@ def test_dev_retrieval_ranks_with_the_query_reasoner():
     memory = dev.candidate_memory(built.model)
     assert dev.candidate_memory(built.model) is memory and memory.shape[:2] == (2, 4)
     assert bool(jnp.all(jnp.isfinite(memory)))
+    # records of different widths: every candidate is ranked (a gold beyond the narrowest record's
+    # width is found) and the narrow record's padding never is
+    wide = RetrievalRecord(
+        questions[1], "x", ("x",), (*fillers, "Dapo likes red.", "Nuvi keeps a hen.", questions[1]), (5,)
+    )
+    narrow = RetrievalRecord(questions[0], "x", ("x",), (fillers[0], questions[0]), (1,))
+    dev = DevRetrieval([narrow, wide], built.tokenizer, built.clara, n_questions=2, ks=(1, 5))
+    assert dev.n_candidates == 6 and dev.ks == (1, 2)
+    assert dev.evaluate(built.model)["recall@1"] == 1.0
 
 
 @pytest.mark.slow

@@ -74,10 +74,11 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "search",
-        help="retrieve the top-k documents of an exported corpus for questions (query reasoner + cosine)",
+        help="retrieve the top-k documents of an exported corpus for questions (query reasoner + its score)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Encode questions with the model's query reasoner and return the k documents of an\n"
-        "index written by `clara-jax export` with the highest cosine similarity (float32). The model must\n"
+        "index written by `clara-jax export` with the highest score (float32): cosine, or the raw dot product\n"
+        "for a model trained with clara.retrieval_score=dot (saved in its clara.json). The model must\n"
         "be the one the index was exported with (same fingerprint, n_mem and hidden size).\n"
         "The jax backend streams over the shards (one shard in memory at a time); faiss (pip install\n"
         "faiss-cpu) builds an exact IndexFlatIP over all vectors in memory.\n\n"

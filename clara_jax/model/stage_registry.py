@@ -77,7 +77,7 @@ STAGE_LIST = (
         retrieval=True,
         record_kind="stage3",
         config_module="stage3_e2e",
-        loss="CE through the straight-through top-k over cosine scores",
+        loss="CE through the straight-through top-k over the candidate scores (clara.retrieval_loss: CE, InfoNCE or both)",
     ),
 )
 STAGES = {s.name: s for s in STAGE_LIST}

@@ -27,8 +27,8 @@ class DevRetrieval:
     """`evaluate(model) -> {"recall@1": …, "recall@k": …}` on the first `n_questions` labelled records.
 
     `records` are RetrievalRecords (question, docs, pos_index); questions without gold are dropped
-    (their recall is 0 by definition and would only dilute the curve), as are those with fewer than
-    the first record's number of candidates (the batch has one fixed shape).
+    (their recall is 0 by definition and would only dilute the curve). Every candidate of a record
+    is ranked: records with fewer than the most are padded, and the padding can never be retrieved.
     """
 
     def __init__(
@@ -45,16 +45,17 @@ class DevRetrieval:
         labelled = [r for r in records if r.pos_index]
         if not labelled:
             raise ValueError("dev retrieval needs records with pos_index (gold positions)")
-        n = len(labelled[0].docs)
-        chosen = [r for r in labelled if len(r.docs) >= n][:n_questions]
+        chosen = labelled[:n_questions]
+        n = max(len(r.docs) for r in chosen)
         self.n_candidates = n
-        self.ks = tuple(sorted({min(k, n) for k in ks}))
+        self.ks = tuple(sorted({min(k, min(len(r.docs) for r in chosen)) for k in ks}))
         self.questions = len(chosen)
-        self._docs = [d for r in chosen for d in r.docs[:n]]
-        positives = np.zeros((len(chosen), n), bool)
+        self._docs = [d for r in chosen for d in (*r.docs, *[r.docs[0]] * (n - len(r.docs)))]
+        positives, valid = np.zeros((len(chosen), n), bool), np.zeros((len(chosen), n), bool)
         for i, r in enumerate(chosen):
-            positives[i, [p for p in r.pos_index if p < n]] = True
-        self._positives = jnp.asarray(positives)
+            positives[i, list(r.pos_index)] = True
+            valid[i, : len(r.docs)] = True
+        self._positives, self._valid = jnp.asarray(positives), jnp.asarray(valid)
         queries = encoder_rows(tok, [r.question for r in chosen], query_max_length, bucket)
         self._query_ids, self._query_mask = jnp.asarray(queries.ids), jnp.asarray(queries.mask)
         self._doc_max_length, self._bucket, self._clara = clara.doc_max_length, bucket, clara
@@ -62,9 +63,9 @@ class DevRetrieval:
         self._memory = None  # [Q, N, n_mem·D], filled on first use (the compressor is frozen)
         n_mem, ks_, score = clara.n_mem, self.ks, clara.retrieval_score
 
-        def ranks(model, ids, mask, memory, positives):
+        def ranks(model, ids, mask, memory, positives, valid):
             query = encode_query(model, ids, mask, n_mem)
-            scores = retrieval_scores(query, memory, score)
+            scores = jnp.where(valid, retrieval_scores(query, memory, score), -jnp.inf)
             _, indices = jax.lax.top_k(scores, max(ks_))
             return {f"recall@{k}": recall_at(indices, positives, k) for k in ks_}
 
@@ -89,5 +90,5 @@ class DevRetrieval:
 
     def evaluate(self, model) -> dict:
         memory = self.candidate_memory(model)
-        out = self._ranks(model, self._query_ids, self._query_mask, memory, self._positives)
+        out = self._ranks(model, self._query_ids, self._query_mask, memory, self._positives, self._valid)
         return {k: float(v) for k, v in jax.device_get(out).items()}
