@@ -19,6 +19,7 @@ from clara_jax.cli import export as export_cli
 from clara_jax.cli import search as search_cli
 from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
 from clara_jax.data.tokenizer import load_tokenizer
+from clara_jax.formats.corpus import read_corpus
 from clara_jax.inference.clara_model import ClaraInference
 from clara_jax.inference.export import export_corpus, model_fingerprint, read_shard
 from clara_jax.inference.index import EmbeddingIndex, search_questions
@@ -385,6 +386,29 @@ def test_search_questions_and_cli(setup, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["ids"] for row in lines] == ids
     np.testing.assert_allclose([row["scores"] for row in lines], scores, atol=1e-5)
+
+    # for people: each hit with a snippet of its text, read from the corpus the manifest names
+    base = [
+        "search",
+        "--model",
+        setup["model"],
+        "--index",
+        setup["ref"],
+        "--question",
+        questions[0],
+        "-k",
+        "2",
+    ]
+    assert parser.parse_args(base).func(parser.parse_args(base)) == 0
+    out = capsys.readouterr().out.splitlines()
+    doc_ids, doc_texts, _ = read_corpus(setup["corpus"])
+    texts = dict(zip(doc_ids, doc_texts))
+    hits = [line.split()[-1] for line in out if line.strip()[:2] in ("1.", "2.")]
+    assert hits == ids[0][:2]
+    for doc_id in hits:
+        assert f"       {' '.join(texts[doc_id].split())[:100]}" in "\n".join(out)
+    args = parser.parse_args(base + ["--no-text"])
+    assert args.func(args) == 0 and len(capsys.readouterr().out.splitlines()) == 3  # Q + 2 hits
 
     args = parser.parse_args(
         ["export", "--model", setup["other_model"], "--corpus", setup["corpus"], "--out", setup["ref"]]

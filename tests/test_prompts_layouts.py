@@ -284,3 +284,17 @@ def test_label_ids_shift():
     assert target_mask.tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 0]]
     # The logits at t predict t+1: the masked targets are exactly the loss-masked tokens.
     assert targets[target_mask].tolist() == ids[loss_mask].tolist()
+
+
+def test_texts_longer_than_the_tokenizer_limit_are_cut_without_transformers_warning(tok, caplog):
+    """Documents and prompts beyond the tokenizer's model_max_length (4096 here) are cut by the
+    layouts, which count the cut; transformers' "sequence length is longer than the specified
+    maximum" warning would only be noise on top (issue #18 item 6)."""
+    import logging
+
+    long_text = "word " * 5000
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        batch = encoder_batch(tok, [long_text], doc_max_length=16, bucket=8)
+        rows = generator_batch(tok, [RenderedPrompt(long_text, long_text + "x")], max_len=32, bucket=8)
+    assert batch.truncated.tolist() == [True] and rows.truncated.tolist() == [True]
+    assert not [r for r in caplog.records if "longer than the specified maximum" in r.getMessage()]

@@ -30,6 +30,27 @@ def read_questions(path: str) -> list[str]:
     return questions
 
 
+SNIPPET_CHARS = 160
+
+
+def _snippet(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= SNIPPET_CHARS else flat[: SNIPPET_CHARS - 1] + "…"
+
+
+def _snippets(corpus: str | None, ids) -> dict[str, str]:
+    """The hits' texts from the corpus file, or none (with one line on stderr saying why)."""
+    from clara_jax.formats.corpus import texts_of
+
+    if not corpus:
+        return {}
+    try:
+        return texts_of(corpus, {doc_id for row in ids for doc_id in row})
+    except (OSError, ValueError) as exc:
+        print(f"search: no snippets ({exc}); pass --corpus FILE or --no-text", file=sys.stderr)
+        return {}
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
@@ -55,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t0
     except (ValueError, FileNotFoundError, ImportError) as exc:
         return error("search", exc)
+    texts = {} if args.json or args.no_text else _snippets(args.corpus or index.manifest.get("corpus"), ids)
     for q, row_ids, row_scores in zip(questions, ids, scores):
         if args.json:
             print(
@@ -66,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"Q: {q}")
             for rank, (doc_id, score) in enumerate(zip(row_ids, row_scores), start=1):
                 print(f"  {rank:>3}. {score:.4f}  {doc_id}")
+                if doc_id in texts:
+                    print(f"       {_snippet(texts[doc_id])}")
     if not args.json:
         print(f"{len(questions)} questions over {len(index)} documents in {seconds:.2f}s", file=sys.stderr)
     return EXIT_OK
@@ -100,5 +124,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--json", action="store_true", help="print one JSON object per question: {question, ids, scores}"
     )
+    p.add_argument(
+        "--corpus",
+        metavar="FILE",
+        help="where to read the documents' text for the snippets shown under each hit (default: the "
+        "corpus the index was exported from, as its manifest records it)",
+    )
+    p.add_argument("--no-text", action="store_true", help="show ids and scores only, no snippets")
     p.set_defaults(func=run)
     return p

@@ -110,7 +110,11 @@ def encoder_batch(
 
     hf = tok.hf
     enc, bos, eos = hf.convert_ids_to_tokens([tok.enc_id, tok.bos_id, tok.eos_id])
-    encoded = hf([enc + bos + text + eos for text in texts], add_special_tokens=False)["input_ids"]
+    # verbose=False: no transformers "sequence length is longer than the maximum" warning; the cut
+    # below is ours, counted in `truncated` and logged by the callers
+    encoded = hf([enc + bos + text + eos for text in texts], add_special_tokens=False, verbose=False)[
+        "input_ids"
+    ]
     parts, truncated = [], np.zeros(len(texts), dtype=bool)
     for r, part in enumerate(encoded):
         if part[:2] != [tok.enc_id, tok.bos_id] or part[-1] != tok.eos_id:
@@ -169,11 +173,13 @@ def generator_batch(
     if length is not None and length < max_len:
         raise ValueError(f"length={length} cannot hold max_len={max_len} tokens")
     hf = tok.hf
-    prompt_ids = hf([p.prompt for p in prompts], add_special_tokens=False)["input_ids"]
+    prompt_ids = hf([p.prompt for p in prompts], add_special_tokens=False, verbose=False)["input_ids"]
     with_target = [i for i, p in enumerate(prompts) if p.full is not None]
     full_ids = {}
     if with_target:  # the HF tokenizer fails on an empty batch
-        encoded = hf([prompts[i].full for i in with_target], add_special_tokens=False)["input_ids"]
+        encoded = hf([prompts[i].full for i in with_target], add_special_tokens=False, verbose=False)[
+            "input_ids"
+        ]
         full_ids = dict(zip(with_target, encoded))
 
     rows, targets, truncated = [], [], np.zeros(len(prompts), dtype=bool)

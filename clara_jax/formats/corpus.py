@@ -97,6 +97,19 @@ def read_corpus(path: str | os.PathLike) -> tuple[list[str], list[str], str]:
     return ids, texts, h.hexdigest()
 
 
+def texts_of(path: str | os.PathLike, ids) -> dict[str, str]:
+    """The texts of the documents named in `ids`, reading the corpus only until all are found (a
+    search shows a few passages of a corpus that may hold millions)."""
+    wanted, found = set(ids), {}
+    for where, obj in corpus_rows(path):
+        doc_id, text = passage(obj, where)
+        if doc_id in wanted and doc_id not in found:
+            found[doc_id] = text
+            if len(found) == len(wanted):
+                break
+    return found
+
+
 # --- the schema and other corpora's names (synthesis) ----------------------------------------------
 
 
