@@ -186,3 +186,41 @@ def test_answer_lengths_default_to_the_official_evaluation(monkeypatch):
     parser = argparse.ArgumentParser()
     eval_cli.add_parser(parser.add_subparsers())
     assert parser.parse_args(["eval", "--model", "m", "--data", "d"]).max_new_tokens is None
+
+
+def test_an_untrained_query_reasoner_is_named_and_the_compressor_can_rank_instead(inference, caplog):
+    """Issue #18 item 5: ranking with a stage-1/2 model silently used a never-trained query reasoner."""
+    import logging
+
+    tok, model, clara = inference.tok, inference.model, inference.clara
+    fresh = ClaraInference(tok, model, clara, batch_size=4, data_parallel=False)
+    assert not fresh.query_reasoner_trained  # every adapter of the fixture is as created (B = 0)
+    questions = ["Who keeps a goat?", "Where does Mava live?"]
+    with caplog.at_level(logging.WARNING, logger="clara_jax.inference.clara_model"):
+        fresh.encode_queries(questions)
+        fresh.encode_queries(questions)
+    warned = [r for r in caplog.records if "never trained" in r.getMessage()]
+    assert len(warned) == 1 and "--query-encoder compressor" in warned[0].getMessage()
+
+    by_compressor = ClaraInference(
+        tok, model, clara, batch_size=4, data_parallel=False, query_encoder="compressor"
+    )
+    enc = encoder_rows(tok, questions, by_compressor.query_max_length, by_compressor.bucket)
+    want, _ = compress(model, jnp.asarray(enc.ids), jnp.asarray(enc.mask), clara.n_mem)
+    np.testing.assert_allclose(
+        by_compressor.encode_queries(questions), np.asarray(want).reshape(2, -1), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="query_encoder must be one of"):
+        ClaraInference(tok, model, clara, data_parallel=False, query_encoder="generator")
+
+    trained = Decoder(tiny_config(vocab_size=tok.base_vocab_size), rngs=nnx.Rngs(0))
+    add_clara_parts(
+        trained,
+        vocab_size=tok.vocab_size,
+        mem_token_ids=tok.mem_token_ids,
+        lora=LoRAConfig(rank=4, alpha=8),
+        seed=0,
+    )
+    b = next(iter(trained.adapters["query_reasoner"].factors.values()))["b"]
+    b.set_value(b[...] + 0.01)
+    assert ClaraInference(tok, trained, clara, data_parallel=False).query_reasoner_trained

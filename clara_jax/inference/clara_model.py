@@ -39,11 +39,15 @@ from clara_jax.data.tokenizer import ClaraTokenizer, render_chat
 from clara_jax.inference.data_parallel import replicate_over_local_devices
 from clara_jax.inference.generation import SamplingConfig, generate
 from clara_jax.interop.model_dir import load_clara_model, model_dir_path, read_model_meta
-from clara_jax.model.clara import COMPRESSOR, ClaraConfig, encode_query, splice
+from clara_jax.model.clara import COMPRESSOR, QUERY_REASONER, ClaraConfig, compress, encode_query, splice
 from clara_jax.model.decoder import Decoder
 from clara_jax.model.topk import retrieval_scores
 
 log = logging.getLogger(__name__)
+
+# what encodes a question for ranking: the trained query reasoner (stage 3), or the compressor
+# (what stage 3 starts from; for ranking with a stage-1/2 model)
+QUERY_ENCODERS = (QUERY_REASONER, COMPRESSOR)
 
 MAX_NEW_TOKENS = 128  # the official methods' default answer length
 PROMPT_MAX_LENGTH = 1024  # the official methods tokenize generator prompts with truncation at 1024
@@ -83,7 +87,12 @@ class ClaraInference:
         query_max_length: int | None = None,
         data_parallel: bool = True,
         progress: bool = False,
+        query_encoder: str = QUERY_REASONER,
     ):
+        if query_encoder not in QUERY_ENCODERS:
+            raise ValueError(f"query_encoder must be one of {QUERY_ENCODERS}, got {query_encoder!r}")
+        self.query_encoder = query_encoder
+        self._untrained_warned = False
         self.tok, self.model, self.clara = tokenizer, model, clara
         # official inference frames a question like a document: at most doc_max_length tokens
         self.query_max_length = query_max_length or clara.doc_max_length
@@ -94,7 +103,12 @@ class ClaraInference:
         self.batch_size = batch_size
         n_mem = clara.n_mem
         self._compress = jax.jit(lambda m, ids, mask: compress_rows(m, ids, mask, n_mem))
-        self._query = jax.jit(lambda m, ids, mask: (encode_query(m, ids, mask, n_mem),))
+        if query_encoder == QUERY_REASONER:
+            self._query = jax.jit(lambda m, ids, mask: (encode_query(m, ids, mask, n_mem),))
+        else:  # the compressor encodes the question as a document: what stage 3 starts from
+            self._query = jax.jit(
+                lambda m, ids, mask: (compress(m, ids, mask, n_mem)[0].reshape(ids.shape[0], -1),)
+            )
         self._splice = jax.jit(lambda m, ids, memory: splice(m, ids, memory, clara.mem_token_ids))
 
     def _put(self, array) -> jax.Array:
@@ -138,8 +152,25 @@ class ClaraInference:
         memory, mse = self._batched(documents, self._compress, self.clara.doc_max_length, "compress")
         return memory, float(mse.mean())
 
+    @property
+    def query_reasoner_trained(self) -> bool:
+        """False when every LoRA B factor of the query reasoner is zero: the adapter as created,
+        never trained (a stage-1 or stage-2 model), which ranks with the bare base model."""
+        factors = self.model.adapters[QUERY_REASONER].factors.values()
+        return any(bool(np.any(np.asarray(jax.device_get(f["b"][...])))) for f in factors)
+
     def encode_queries(self, questions: Sequence[str]) -> np.ndarray:
-        """[n, n_mem·D] query-reasoner vectors (a batch of questions padded to its own length)."""
+        """[n, n_mem·D] query vectors (a batch of questions padded to its own length), from the
+        query reasoner or, with `query_encoder="compressor"`, from the compressor."""
+        if self.query_encoder == QUERY_REASONER and not self._untrained_warned:
+            self._untrained_warned = True
+            if not self.query_reasoner_trained:
+                log.warning(
+                    "this model's query reasoner was never trained (its LoRA B factors are all zero, "
+                    "as after stage 1 or 2): questions are encoded by the bare base model. Stage 3 "
+                    "starts from the compressor; to rank as it does, use query_encoder='compressor' "
+                    "(clara-jax eval --query-encoder compressor)"
+                )
         return self._batched(questions, self._query, self.query_max_length, "queries")[0]
 
     # ------------------------------------------------------------------ generation
