@@ -36,6 +36,9 @@ EXTRAS = {
     ],
     # Benchmarks only (benchmarks/quality_smollm2.py's lexical baseline).
     "bench": ["rank-bm25>=0.2"],
+    # `clara-jax eval --task paraphrase`: ROUGE-1 / ROUGE-L as the official evaluate.py reports them
+    # (its BERTScore runs on the torch extra; its spaCy NER is replaced by an offline approximation).
+    "eval": ["rouge-score>=0.1.2"],
     # An optional FAISS backend for searching large exported indexes.
     "faiss": ["faiss-cpu>=1.8"],
     # `clara-jax serve` (an OpenAI-compatible HTTP server); httpx and openai are for its tests/clients.
@@ -55,7 +58,7 @@ EXTRAS = {
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]"],
 }
-EXTRAS["test"] += EXTRAS["data"] + EXTRAS["faiss"] + EXTRAS["models"] + EXTRAS["serve"]
+EXTRAS["test"] += EXTRAS["data"] + EXTRAS["faiss"] + EXTRAS["models"] + EXTRAS["serve"] + EXTRAS["eval"]
 EXTRAS["dev"] = EXTRAS["torch"] + EXTRAS["test"]
 
 setup(

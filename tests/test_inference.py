@@ -170,6 +170,10 @@ def test_eval_cli(saved, tmp_path, capsys):
     result = json.load(open(scores))["eval"]
     assert {"em", "f1", "acc", "recall@1", "recall@2"} <= set(result)
     assert "eval" in capsys.readouterr().out
+    # --query-encoder compressor ranks as stage 3 starts (for a model whose query reasoner is untrained)
+    args = ["eval", "--model", str(out), "--data", str(data), "-k", "2", "--max-new-tokens", "4"]
+    assert cli.main([*args, "--query-encoder", "compressor", "--json", str(scores)]) == 0
+    assert {"recall@1", "recall@2"} <= set(json.load(open(scores))["eval"])
     code = cli.main(["eval", "--model", str(tmp_path), "--data", str(data), "-k", "2"])
     assert code == 2  # not a model directory: a clear error, not a traceback
 

@@ -162,3 +162,50 @@ def evaluate_file(
     """Scores of one evaluation file (official formats, with or without `pos_index`)."""
     records = read_eval_file(path, k=k, limit=limit, policy=policy)
     return evaluate_records(clara, records, mode=mode, k=k, max_new_tokens=max_new_tokens)
+
+
+# --- paraphrase quality (the official `stage1_paraphrase` evaluation) ----------------------------
+
+# The official evaluation calls generate_from_paraphrase with its default answer length.
+PARAPHRASE_MAX_NEW_TOKENS = 128
+
+
+def read_paraphrase_file(path: str, *, limit: int | None = None, policy: str = "error") -> list[str]:
+    """The passages of a stage-1 (SCP) file, one per record (`docs: [passage]`, with its QA pairs or
+    as `data_type: "paraphrase"`); a file that leaves none raises a `DataError` naming it."""
+    from clara_jax.data.sources import read_records, require_records
+
+    records, report = read_records(path, "stage1", policy=policy)
+    require_records(records, report, at_least=1, purpose="a paraphrase evaluation")
+    docs = [r.doc for r in records]
+    return docs[:limit] if limit else docs
+
+
+def evaluate_paraphrase(
+    clara: ClaraInference,
+    documents: Sequence[str],
+    *,
+    max_new_tokens: int = PARAPHRASE_MAX_NEW_TOKENS,
+    bertscore=None,
+    seed: int | None = 0,
+) -> dict:
+    """The official paraphrase evaluation: each passage is compressed alone, the generator rebuilds
+    it from its memory tokens (`generate_from_paraphrase`, one question per passage, the instruction
+    template drawn with `seed`; None = Python's global generator, as the official run), and the
+    paraphrase is scored against the passage itself (paraphrase_metrics: ROUGE-1, ROUGE-L, the
+    approximate entity preservation, BERTScore with a `BertScorer`). Scores are means over passages,
+    with `n` the number of passages."""
+    from clara_jax.inference.paraphrase_metrics import paraphrase_scores
+
+    documents = list(documents)
+    if not documents:
+        raise ValueError("no passages to paraphrase")
+    paraphrases = clara.generate_from_paraphrase(
+        [""] * len(documents), [[doc] for doc in documents], max_new_tokens, rng=seed
+    )
+    scores = paraphrase_scores(paraphrases, documents, bertscore=bertscore)
+    return {
+        "scores": {**scores.means, "n": len(documents)},
+        "paraphrases": paraphrases,
+        "per_record": scores.per_pair,
+    }
