@@ -48,7 +48,8 @@ def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLARA_JAX_")}
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        # -O0: the suite's compile-time setting (tests/conftest.py); every run here compiles afresh
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
         TOKENIZERS_PARALLELISM="false",
         **extra,
     )

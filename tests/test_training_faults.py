@@ -62,7 +62,8 @@ def _command(workdir, train_file, steps=STEPS, extra=()):
 
 def _env():
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, like a user's laptop
+    # one CPU device, like a user's laptop; compiled at -O0 like the rest of the suite (tests/conftest.py)
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
