@@ -40,7 +40,7 @@ CI = ControlledConfig(
 # (tests/conftest.py), and on the one device it uses.
 _RUN = """
 import dataclasses, json, sys
-from clara_jax.training.controlled_stage3 import ControlledConfig
+from clara_jax.training.controlled_stage3 import ControlledConfig, run_controlled_experiment
 result = run_controlled_experiment(ControlledConfig(**json.loads(sys.argv[1])), log=print)
 json.dump(result, open(sys.argv[2], "w"))
 """
