@@ -3,7 +3,10 @@
 1. write the synthetic knowledge corpus (clara_jax.data.synthetic) into WORKDIR/data;
 2. score the untrained model (fresh adapters) on the held-out evaluation questions;
 3. train stage 1 (SCP) -> stage 2 (instruction tuning) -> stage 3 (end to end), each stage
-   starting from the previous one's checkpoint, exactly as `clara-jax train` does;
+   starting from the previous one's checkpoint, exactly as `clara-jax train` does, each evaluated
+   during training on the dev people's questions (never the evaluation ones): stage 1 and 2 on
+   records of their own layout derived from `dev_with_pos.jsonl` (`dev_stage_files`), stage 3 on
+   that file itself;
 4. score the trained model the same way and print the before/after table.
 
 Every number is measured in the run; nothing is scripted. Re-running resumes each stage from
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 
 from flax import nnx
@@ -41,8 +45,61 @@ DEMO_BASE = tiny_config(
 )
 
 
+# Evaluation during training (training/stage_eval.py), on the dev split: records per evaluation (a
+# multiple of the stage's micro-batch) and answer length (the final evaluation's).
+DEV_EVAL_RECORDS = {"stage1": 16, "stage2": 32}
+EVAL_MAX_NEW_TOKENS = 12
+
+
+def dev_stage_files(data_dir: str, docs_per_example: int = 5, seed: int = 0) -> dict[str, str]:
+    """Stage-1 and stage-2 records for evaluation during training, derived from the dev split
+    (`dev_with_pos.jsonl`: the dev people, held out like the evaluation ones and used only to choose
+    settings), so no stage is ever evaluated on the final evaluation questions.
+
+    - `stage1_dev.jsonl`: one QA record per dev passage that answers a single-hop dev question, with
+      every such question about it (the stage-1 QA layout: the compressed passage must carry the
+      answers);
+    - `stage2_dev.jsonl`: each dev question with `docs_per_example` of its candidates, every gold
+      passage among them and the rest its first non-gold candidates, in a seeded order (the stage-2
+      layout), and its gold answer as the target.
+    """
+    dev = read_json_lines(os.path.join(data_dir, "dev_with_pos.jsonl"))
+    by_passage: dict[str, list] = {}
+    for r in dev:
+        if len(r["pos_index"]) == 1:  # a single-hop question: one passage holds the answer
+            qa = by_passage.setdefault(r["docs"][r["pos_index"][0]], [[], []])
+            qa[0].append(r["question"])
+            qa[1].append(r["golden_answers"][0])
+    stage1 = [
+        {"data_type": "qa", "question": qs, "answers": answers, "docs": [doc]}
+        for doc, (qs, answers) in by_passage.items()
+    ]
+    rng = random.Random(seed)
+    stage2 = []
+    for r in dev:
+        gold = list(r["pos_index"])[:docs_per_example]
+        others = [i for i in range(len(r["docs"])) if i not in r["pos_index"]]
+        picked = gold + others[: docs_per_example - len(gold)]
+        rng.shuffle(picked)
+        stage2.append(
+            {
+                "question": r["question"],
+                "docs": [r["docs"][i] for i in picked],
+                "answer": r["golden_answers"][0],
+            }
+        )
+    paths = {}
+    for stage, records in (("stage1", stage1), ("stage2", stage2)):
+        paths[stage] = os.path.join(data_dir, f"{stage}_dev.jsonl")
+        with open(paths[stage], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return paths
+
+
 def stage_overrides(data_dir: str, base_dir: str, scale: float, seed: int = 0) -> dict[str, list[str]]:
     """Settings of the demo's three runs (tiny model, short synthetic passages)."""
+    dev_files = dev_stage_files(data_dir, seed=seed)
+    eval_every = lambda n: f"--config.data.eval_every={max(int(n * scale), 1)}"  # noqa: E731
     common = [
         f"--config.seed={seed}",
         f"--config.model.path={base_dir}",
@@ -56,12 +113,16 @@ def stage_overrides(data_dir: str, base_dir: str, scale: float, seed: int = 0) -
         "--config.lora.dropout=0.0",
         "--config.checkpoint.every_steps=50",
         "--config.log_every=5",
+        f"--config.data.eval_max_new_tokens={EVAL_MAX_NEW_TOKENS}",
     ]
     steps = lambda n: f"--config.total_steps={max(int(n * scale), 2)}"  # noqa: E731
     return {
         "stage1": common
         + [
             f"--config.data.train={data_dir}/stage1_train.jsonl",
+            f"--config.data.eval={dev_files['stage1']}",
+            eval_every(25),
+            f"--config.data.eval_questions={DEV_EVAL_RECORDS['stage1']}",
             "--config.data.num_epochs=20",
             "--config.batch.global_size=16",
             "--config.batch.micro_size=16",
@@ -71,6 +132,9 @@ def stage_overrides(data_dir: str, base_dir: str, scale: float, seed: int = 0) -
         "stage2": common
         + [
             f"--config.data.train={data_dir}/stage2_train.jsonl",
+            f"--config.data.eval={dev_files['stage2']}",
+            eval_every(20),
+            f"--config.data.eval_questions={DEV_EVAL_RECORDS['stage2']}",
             "--config.batch.global_size=16",
             "--config.batch.micro_size=16",
             "--config.optim.lr=2e-3",
@@ -81,7 +145,7 @@ def stage_overrides(data_dir: str, base_dir: str, scale: float, seed: int = 0) -
             f"--config.data.train={data_dir}/stage3_train.jsonl",
             # dev Recall@k on the dev people (never the eval ones): where stage-3 settings are chosen
             f"--config.data.eval={data_dir}/dev_with_pos.jsonl",
-            f"--config.data.eval_every={max(int(25 * scale), 1)}",
+            eval_every(25),
             f"--config.data.eval_questions={max(int(125 * scale), 8)}",
             # chosen on the dev split over 3 seeds (benchmarks/demo_stage3_dev.py, README): from
             # stage-2 dev Recall@1 0.224/0.400/0.276, batch 32 reached 0.296/0.476/0.412, batch 16
@@ -179,6 +243,8 @@ def run_demo(
         "n_eval": len(eval_records),
         "seconds": time.perf_counter() - start,
         "plots": {s: summaries[s].plots for s in summaries},
+        # the best evaluation during training (lowest dev eval loss in stages 1-2, highest dev Recall@1 in stage 3)
+        "best": {s: summaries[s].best for s in summaries},
     }
     with open(os.path.join(workdir, "demo_results.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -216,6 +282,12 @@ def format_results(result: dict) -> str:
         "question alone, which leaves stage 3 little to learn from)"
     )
     lines.append(f"wall time: {result['seconds'] / 60:.1f} min")
+    for stage, best in result.get("best", {}).items():
+        if best:
+            lines.append(
+                f"{stage} best dev evaluation during training: step {best['step']} "
+                f"({best['metric']} {best['value']:.3f})"
+            )
     for stage, paths in result["plots"].items():
         if paths:
             lines.append(f"{stage} plots: {', '.join(paths)}")

@@ -82,6 +82,8 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # JSONL / JSON / Parquet / ArrayRecord of the stage's records
+    # records evaluated during training (data.eval_every): the stage's own layout in stages 1-2, an
+    # evaluation file (question, docs, golden_answers, pos_index) in stage 3; dev records, never test ones
     c.data.eval = ""
     c.data.policy = "error"  # "error": stop at the first bad record; "skip": count, log and continue
     c.data.bucket = 32  # pad lengths up to multiples of this (and powers of two of it)
@@ -90,8 +92,12 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     # stage 3: compress each distinct candidate once before step 0 (its compressor is frozen) and
     # feed the steps those vectors; False re-compresses the B×N candidates in every step
     c.data.cache_candidates = True
-    c.data.eval_every = 0  # stage 3: dev Recall@k with the query reasoner every N steps (0: off)
-    c.data.eval_questions = 64  # stage 3: how many questions of data.eval (with pos_index) that uses
+    # every N steps and before the first (0: off), on data.eval: the eval loss of the stage's own loss
+    # (eval/loss, eval/ce, eval/mse), answer EM/F1/Cover-EM in stages 2-3 (eval/em, eval/f1,
+    # eval/cover_em) and the query reasoner's dev Recall@k in stage 3 (dev/recall@1, dev/recall@k)
+    c.data.eval_every = 0
+    c.data.eval_questions = 64  # the first N records of data.eval (in whole micro-batches for the loss)
+    c.data.eval_max_new_tokens = 16  # greedy answer length when scoring answers (0: no answers)
 
     c.batch = ml_collections.ConfigDict()
     c.batch.global_size = 128  # examples per optimizer step

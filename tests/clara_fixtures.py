@@ -5,6 +5,9 @@ Token ids: base vocabulary 0..499, then <MEM0..3> = 500..503, <AE> 504, <ENC> 50
 
 from __future__ import annotations
 
+import os
+import struct
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,3 +99,20 @@ def stage3_batch(seed=0, b=2, n=5, k=2, doc_len=12):
         **generator_rows(rng, b, k),
     )
     return {key: jnp.asarray(v) for key, v in batch.items()}
+
+
+def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} of the TensorBoard event files in `directory` (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        data = open(os.path.join(directory, name), "rb").read()
+        at = 0
+        while at + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out

@@ -29,6 +29,24 @@ def test_demo_runs_all_stages_and_reports(tmp_path):
     # stage 3 is scored on the dev people (never the eval ones) as it trains, from its first step
     dev = [r for r in map(json.loads, open(tmp_path / "stage3" / "metrics.jsonl")) if "dev/recall@1" in r]
     assert [r["step"] for r in dev] == [0, 1, 2] and all(0 <= r["dev/recall@1"] <= 1 for r in dev)
+    # every stage is evaluated as it trains, on records derived from the dev split: its own loss, and
+    # in stages 2-3 the answers; the curves are in the plots and the best step in the results
+    for stage, dev_file in (("stage1", "stage1_dev"), ("stage2", "stage2_dev"), ("stage3", "dev_with_pos")):
+        assert json.load(open(tmp_path / stage / "config.json"))["data"]["eval"].endswith(
+            f"/{dev_file}.jsonl"
+        )
+        evals = [r for r in map(json.loads, open(tmp_path / stage / "metrics.jsonl")) if "eval/loss" in r]
+        assert [r["step"] for r in evals] == [0, 1, 2], stage
+        assert all(np.isfinite(r["eval/loss"]) and r["eval/best_step"] in (0, 1, 2) for r in evals)
+        answered = stage != "stage1"
+        assert all(("eval/em" in r) == answered for r in evals), stage
+        assert all(0 <= r[f"eval/{k}"] <= 1 for r in evals if answered for k in ("em", "f1", "cover_em"))
+        assert (tmp_path / stage / "answers.png").exists() == answered
+        assert saved["best"][stage]["step"] == evals[-1]["eval/best_step"]
+    assert (
+        saved["best"]["stage3"]["metric"] == "dev/recall@1"
+        and saved["best"]["stage1"]["metric"] == "eval/loss"
+    )
     # stage 3 started from stage 2, which started from stage 1
     meta3 = json.load(open(tmp_path / "stage3" / "config.json"))
     assert meta3["init_from"].endswith("stage2")

@@ -116,8 +116,9 @@ def test_dev_retrieval_ranks_with_the_query_reasoner():
 
 @pytest.mark.slow
 def test_stage3_run_logs_diagnostics_and_dev_recall_to_every_sink(tmp_path):
-    """A 2-step stage-3 run with `data.eval_every=1`: dev Recall@k before and after each step, the
-    diagnostics and the query reasoner's gradient norm in metrics.jsonl, TensorBoard and the plots."""
+    """A 2-step stage-3 run with `data.eval_every=1`: dev Recall@k, the eval loss and the answer
+    scores before and after each step, the diagnostics and the query reasoner's gradient norm in
+    metrics.jsonl, TensorBoard and the plots; the best step is the highest dev Recall@1."""
     from clara_jax.data.synthetic import SyntheticCorpusConfig, write_corpus
     from clara_jax.training.config import load_config
     from clara_jax.training.loop import run_training
@@ -156,7 +157,17 @@ def test_stage3_run_logs_diagnostics_and_dev_recall_to_every_sink(tmp_path):
         assert all(np.isfinite(r[f"train/{key}"]) for r in train), key
     assert all(r["train/grad_norm/query_reasoner"] > 0 for r in train)
     assert all(0.0 <= r["dev/recall@2"] <= 1.0 for r in rows if "dev/recall@2" in r)
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    for r in evals:  # stage 3's own loss (CE only) and the answers from its top-k, on the same dev records
+        assert np.isfinite(r["eval/ce"]) and r["eval/loss"] == r["eval/ce"] and "eval/mse" not in r
+        assert all(0.0 <= r[f"eval/{k}"] <= 1.0 for k in ("em", "f1", "cover_em", "token_accuracy"))
+    dev_rows = [r for r in rows if "dev/recall@1" in r]
+    best = max(dev_rows, key=lambda r: (r["dev/recall@1"], -r["step"]))  # the earliest of the highest
+    assert summary.best["metric"] == "dev/recall@1" and summary.best_step == best["step"]
+    assert evals[-1]["eval/best_step"] == best["step"]
     names = {os.path.basename(p) for p in summary.plots}
-    assert {"retrieval_diagnostics.png", "grad_norm.png", "recall.png"} <= names
-    events = os.listdir(tmp_path / "run" / "tensorboard")
-    assert events and os.path.getsize(tmp_path / "run" / "tensorboard" / events[0]) > 0
+    assert {"retrieval_diagnostics.png", "grad_norm.png", "recall.png", "answers.png", "loss.png"} <= names
+    scalars = fx.tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    for tag in ("dev/recall_at_1", "eval/loss", "eval/em", "eval/f1", "eval/cover_em", "eval/best_step"):
+        assert [step for step, _ in scalars[tag]] == [0, 1, 2], tag

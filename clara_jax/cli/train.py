@@ -43,6 +43,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     if summary.final_metrics:
         print("  " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(summary.final_metrics.items())))
+    if summary.best:
+        best = summary.best
+        which = "lowest" if best["mode"] == "min" else "highest"
+        print(f"  best evaluation: step {best['step']} ({best['metric']} = {best['value']:.4g}, the {which})")
     for path in summary.plots:
         print(f"  plot: {path}")
     return EXIT_OK

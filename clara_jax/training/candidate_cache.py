@@ -11,6 +11,7 @@ across questions and epochs is compressed once.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -73,7 +74,7 @@ class CandidateCache:
         rows = NamedSharding(mesh, PartitionSpec(logical_to_spec(("batch",), rules, mesh)[0]))
         splits = math.prod(mesh.shape[a] for a in _axes(rows.spec[0]))
         chunk = -(-chunk // splits) * splits  # whole rows per device
-        run = jax.jit(lambda model, ids, mask: compress(model, ids, mask, clara.n_mem)[0])
+        run = _compress_program(clara.n_mem)
         parts, truncated = [], []
         starts = range(0, len(texts), chunk)
         for s in tqdm(starts, desc="compress candidates", unit="batch", disable=not progress):
@@ -90,6 +91,13 @@ class CandidateCache:
         memory = np.concatenate(parts) if parts else np.zeros((0, clara.n_mem, 0), np.float32)
         flags = np.concatenate(truncated) if truncated else np.zeros(0, bool)
         return cls(texts, memory, flags, time.perf_counter() - start)
+
+
+@functools.cache
+def _compress_program(n_mem: int):
+    """One jitted compressor per n_mem, so that a second cache of the same model (stage 3's
+    evaluation candidates, training/stage_eval.py) reuses the programs the first one compiled."""
+    return jax.jit(lambda model, ids, mask: compress(model, ids, mask, n_mem)[0])
 
 
 def _axes(entry) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from clara_jax.data.pipeline import BatchIterator, TokenStats, count_dropped_positives
+from clara_jax.data.records import DataError
 from clara_jax.data.sources import read_records, require_records
 from clara_jax.interop.gguf import resolve_model_path
 from clara_jax.model.flops import forward_flops, lora_train_flops, measured_matmul_flops
@@ -41,8 +42,9 @@ from clara_jax.training.candidate_cache import CandidateCache, reads_cached_cand
 from clara_jax.training.checkpoint import Checkpointer, abstract_like
 from clara_jax.training.config import ConfigError
 from clara_jax.training.dev_retrieval import DevRetrieval
-from clara_jax.training.metrics import MetricsWriter, plot_history
+from clara_jax.training.metrics import MetricsWriter, plot_history, read_history
 from clara_jax.training.run_spec import layout_config, optimizer_config, stage_spec_of
+from clara_jax.training.stage_eval import BestStep, StageEval, usable_count
 from clara_jax.training.stages import stage_program
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,13 @@ class RunSummary:
     preempted: bool
     final_metrics: dict
     plots: list
+    # the best evaluation (training/stage_eval.py BestStep: lowest eval/loss in stages 1-2, highest
+    # dev/recall@1 in stage 3), {} without evaluation: {"metric", "mode", "step", "value"}
+    best: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def best_step(self) -> int | None:
+        return self.best.get("step")
 
 
 class _StopFlag:
@@ -143,13 +152,43 @@ def step_flops(cfg, stage: str, batch: dict, rank: int) -> float:
     return micro * (encoders + lora_train_flops(cfg, gen_rows, gen_len, lora_rank=rank))
 
 
-def dev_retrieval(config, built) -> DevRetrieval | None:
-    """The stage-3 periodic dev evaluation, when `data.eval_every` > 0 and `data.eval` is set."""
+def read_eval_records(config) -> list | None:
+    """The records of `data.eval` when the run evaluates during training (`data.eval_every` > 0),
+    read and checked like the training data, before any model is built: the stage's own record
+    layout (stage 3 reads evaluation files, golden_answers and pos_index, with at least top-k
+    candidates), at least one micro-batch of them, and in stage 3 some with gold positions."""
+    if not config.data.eval_every:
+        return None
+    spec = get_stage(config.stage)
+    if not config.data.eval:
+        raise DataError("data.eval_every > 0 needs data.eval (the records to evaluate on)")
+    kind = "eval" if spec.retrieval else spec.record_kind
+    records, report = read_records(
+        config.data.eval,
+        kind,
+        policy=config.data.policy,
+        min_docs=config.clara.top_k if spec.retrieval else None,
+        docs_per_example=config.clara.docs_per_example if spec.record_kind == "stage2" else None,
+    )
+    log.info("%s", report.summary())
+    micro = config.batch.micro_size
+    require_records(
+        records, report, at_least=micro, purpose=f"one evaluation micro-batch (batch.micro_size = {micro})"
+    )
+    if spec.retrieval and not any(r.pos_index for r in records):
+        raise DataError(
+            f"data.eval = {config.data.eval}: no record has pos_index; stage 3's dev Recall@k needs "
+            "gold positions (an evaluation file with pos_index, e.g. *_with_pos.jsonl)"
+        )
+    return records
+
+
+def dev_retrieval(config, built, records=None) -> DevRetrieval | None:
+    """The stage-3 periodic dev Recall@k, when `data.eval_every` > 0 (`records`: data.eval's)."""
     if not get_stage(config.stage).retrieval or not config.data.eval_every:
         return None
-    if not config.data.eval:
-        raise ValueError("data.eval_every > 0 needs data.eval (a file with pos_index) to evaluate on")
-    records, _ = read_records(config.data.eval, "eval", policy=config.data.policy)
+    if records is None:
+        records = read_eval_records(config)
     return DevRetrieval(
         records,
         built.tokenizer,
@@ -159,6 +198,61 @@ def dev_retrieval(config, built) -> DevRetrieval | None:
         bucket=config.data.bucket,
         ks=(1, config.clara.top_k),
     )
+
+
+def stage_eval(config, built, records, graphdef, mesh, *, progress: bool = False) -> StageEval | None:
+    """The periodic evaluation of every stage (eval loss, answer scores), when `data.eval_every` > 0."""
+    if not config.data.eval_every:
+        return None
+    micro, rules = config.batch.micro_size, parse_rules(config.sharding_rules)
+    n = usable_count(len(records), config.data.eval_questions, micro)
+    lookup = None
+    if reads_cached_candidates(config):  # as the steps read them: the eval candidates compressed once
+        lookup = _candidate_cache(
+            config, built, records[:n], mesh, progress=progress, what="evaluation"
+        ).lookup
+    evaluator = StageEval(
+        config.stage,
+        records,
+        built.tokenizer,
+        built.clara,
+        layout_config(config),
+        graphdef,
+        mesh,
+        micro_size=micro,
+        n_questions=config.data.eval_questions,
+        max_new_tokens=config.data.eval_max_new_tokens,
+        rules=rules,
+        candidate_memory_lookup=lookup,
+        seed=config.seed,
+    )
+    asked = min(config.data.eval_questions, len(records))
+    log.info(
+        "evaluating every %d steps on %d records of %s (%d micro-batches of %d%s)%s",
+        config.data.eval_every,
+        evaluator.questions,
+        config.data.eval,
+        evaluator.micro_steps,
+        micro,
+        f"; the last {asked - n} of the first {asked} do not fill a micro-batch" if asked > n else "",
+        f", answers of at most {config.data.eval_max_new_tokens} tokens" if evaluator.answered else "",
+    )
+    stats = evaluator.stats  # nothing is cut silently, in the evaluation either
+    for what, cut, of, limit in (
+        ("documents", stats.docs_truncated, stats.docs, "clara.doc_max_length"),
+        ("questions", stats.queries_truncated, stats.queries, "clara.query_max_length"),
+        (
+            "generator prompts + targets",
+            stats.targets_truncated,
+            stats.examples,
+            "clara.generator_max_length",
+        ),
+    ):
+        if cut:
+            log.warning("evaluation %s truncated to %s: %d of %d", what, limit, cut, of)
+    if get_stage(config.stage).retrieval:  # the eval loss and answers read the first data.candidates
+        warn_dropped_positives(stats, config.data.candidates, f"{config.data.eval} (eval loss and answers)")
+    return evaluator
 
 
 def warn_dropped_positives(stats: TokenStats, candidates: int, where: str) -> str | None:
@@ -173,6 +267,19 @@ def warn_dropped_positives(stats: TokenStats, candidates: int, where: str) -> st
     )
     log.warning("%s", message)
     return message
+
+
+def _restore_best(best: BestStep, history_path: str | None) -> None:
+    """A resumed run's best evaluation so far, from process 0's metrics.jsonl (already cut back to
+    the resumed step), the same on every process."""
+    if history_path is not None:
+        best.restore(read_history(history_path))
+    if jax.process_count() > 1:
+        found = np.asarray(
+            [-1 if best.step is None else best.step, np.nan if best.value is None else best.value], np.float32
+        )
+        step, value = multihost_utils.broadcast_one_to_all(found)
+        best.step, best.value = (None, None) if step < 0 else (int(step), float(value))
 
 
 def _finite(metrics: dict) -> bool:
@@ -194,7 +301,9 @@ def _check_steps_fit_data(config: ml_collections.ConfigDict, n_records: int) -> 
         )
 
 
-def _candidate_cache(config, built, records, mesh, *, progress: bool) -> CandidateCache | None:
+def _candidate_cache(
+    config, built, records, mesh, *, progress: bool, what: str = "training"
+) -> CandidateCache | None:
     """Stage 3 compresses each distinct candidate once, as its compressor cannot change."""
     if not reads_cached_candidates(config):
         return None
@@ -211,8 +320,9 @@ def _candidate_cache(config, built, records, mesh, *, progress: bool) -> Candida
             progress=progress,
         )
     log.info(
-        "compressed %d distinct candidates once in %.1f s (%.1f MB on each host); the steps read them",
+        "compressed %d distinct %s candidates once in %.1f s (%.1f MB on each host); the steps read them",
         len(cache),
+        what,
         cache.seconds,
         cache.nbytes / 1e6,
     )
@@ -247,6 +357,7 @@ def run_training(
     global_size = config.batch.global_size
     require_records(records, report, at_least=global_size, purpose=f"one global batch of {global_size}")
     _check_steps_fit_data(config, len(records))
+    eval_records = read_eval_records(config)  # data.eval too, before a model is built
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(_mesh_config(config, dcn_mesh))
     log.info(
@@ -294,7 +405,9 @@ def run_training(
         rules=parse_rules(config.sharding_rules),
     ).start()
     del first
-    dev = dev_retrieval(config, built)
+    dev = dev_retrieval(config, built, eval_records)
+    evaluator = stage_eval(config, built, eval_records, trainer.graphdef, mesh, progress=progress and is_main)
+    best = BestStep.for_stage(stage) if evaluator is not None else None
 
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -320,6 +433,8 @@ def run_training(
         "tokenizer": {"vocab_size": built.tokenizer.vocab_size, "n_mem": built.tokenizer.n_mem},
     }
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step if restored else None)
+    if best is not None and restored is not None:  # the evaluations before the resumed step count too
+        _restore_best(best, writer.path if is_main else None)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
@@ -367,19 +482,35 @@ def run_training(
             gflops=f"{metrics['flops_per_s'] / 1e9:.1f}",
         )
 
-    def evaluate_dev(at_step: int) -> None:
-        """Dev Recall@k of the current query reasoner (stage 3, `data.eval_every`), in order with
-        the training rows; runs between steps, before the next one takes the state."""
-        if dev is None or at_step % config.data.eval_every:
-            return
-        scores = dev.evaluate(nnx.merge(trainer.graphdef, state.params, trainer.frozen))
-        writer.write(at_step, scores, prefix="dev")
-        log.info("step %d: dev %s", at_step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    def evaluate(at_step: int) -> bool:
+        """The evaluation during training (`data.eval_every`): the eval loss and answer scores of the
+        current model, and in stage 3 the dev Recall@k of its query reasoner, in order with the
+        training rows; runs between steps, before the next one takes the state. Whether it ran."""
+        if evaluator is None or at_step % config.data.eval_every:
+            return False
+        jax.block_until_ready(state.params)  # the step in flight is not the evaluation's time
+        start = time.perf_counter()
+        rows = {}
+        if dev is not None:
+            rows["dev"] = dev.evaluate(nnx.merge(trainer.graphdef, state.params, trainer.frozen))
+        rows["eval"] = evaluator.evaluate(state.params, trainer.frozen)
+        best.update(at_step, {f"{p}/{k}": v for p, scores in rows.items() for k, v in scores.items()})
+        if best.step is not None:
+            rows["eval"]["best_step"] = best.step
+        for prefix, scores in rows.items():
+            writer.write(at_step, scores, prefix=prefix)
+        log.info(
+            "step %d: %s (%.1f s)",
+            at_step,
+            ", ".join(f"{p}/{k} {v:.4g}" for p, scores in rows.items() for k, v in scores.items()),
+            time.perf_counter() - start,
+        )
+        return True
 
     with jax.set_mesh(mesh), _StopFlag() as stop:
         try:
             if step == 0:
-                evaluate_dev(0)  # where the query reasoner starts
+                evaluate(0)  # where the model starts
             tick = time.perf_counter()
             while step < total_steps:
                 try:
@@ -397,7 +528,8 @@ def run_training(
                 pending = (step, metrics, now - tick, flops, tokens)
                 tick = now
                 bar.update(1)
-                evaluate_dev(step)
+                if evaluate(step):
+                    tick = time.perf_counter()  # the next step's time and throughput leave it out
                 stopping = stop.should_stop(step)
                 if step % config.checkpoint.every_steps == 0 or step == total_steps or stopping:
                     flush(pending)  # never checkpoint a state whose loss is not finite
@@ -446,4 +578,23 @@ def run_training(
             log.warning("%s truncated to %s: %d of %d", what, limit, cut, of)
     if get_stage(stage).retrieval:  # (`spec` is the StageSpec by now)
         warn_dropped_positives(stats, config.data.candidates, "the batches trained on")
-    return RunSummary(workdir, stage, start_step, step, preempted, final_metrics, plots)
+    if best is not None and best.step is not None:
+        log.info(
+            "%s: best evaluation at step %d (%s = %.4g, the %s of the evaluations every %d steps)",
+            stage,
+            best.step,
+            best.metric,
+            best.value,
+            "lowest" if best.mode == "min" else "highest",
+            config.data.eval_every,
+        )
+    return RunSummary(
+        workdir,
+        stage,
+        start_step,
+        step,
+        preempted,
+        final_metrics,
+        plots,
+        best=best.as_dict() if best is not None and best.step is not None else {},
+    )

@@ -18,6 +18,8 @@ from clara_jax.formats.jsonl import read_json_lines
 
 # Stage-3 numbers that explain the recall curve (clara_jax/training/retrieval_diagnostics.py).
 RETRIEVAL_DIAGNOSTICS = ("score_std", "topk_gap", "topk_entropy", "gold_outside_topk")
+# Scores of answers generated during evaluation (clara_jax/training/stage_eval.py).
+ANSWER_SCORES = ("em", "f1", "cover_em")
 
 
 class MetricsWriter:
@@ -66,8 +68,9 @@ def truncate_history(path: str, last_step: int) -> None:
 
 
 def plot_history(workdir: str, keys: Iterable[str] | None = None) -> list[str]:
-    """One PNG per metric group (loss terms, recall@k (train and dev), accuracy, learning rate,
-    gradient norms, stage-3 retrieval diagnostics); returns the paths."""
+    """One PNG per metric group (loss terms, train and eval; recall@k, train and dev; accuracy;
+    answer scores of the evaluations; learning rate; gradient norms; stage-3 retrieval diagnostics);
+    returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,6 +85,7 @@ def plot_history(workdir: str, keys: Iterable[str] | None = None) -> list[str]:
         "loss": [k for k in keys if k.rsplit("/", 1)[-1] in ("loss", "ce", "mse", "infonce")],
         "recall": [k for k in keys if "recall@" in k],
         "accuracy": [k for k in keys if "accuracy" in k],
+        "answers": [k for k in keys if k.rsplit("/", 1)[-1] in ANSWER_SCORES],
         "learning_rate": [k for k in keys if k.endswith("learning_rate")],
         "grad_norm": [k for k in keys if "grad_norm" in k],
         "retrieval_diagnostics": [k for k in keys if k.rsplit("/", 1)[-1] in RETRIEVAL_DIAGNOSTICS],

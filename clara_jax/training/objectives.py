@@ -192,18 +192,23 @@ def stage_loss_fn(
     gumbel: bool = False,
     straight_through: bool = True,
     candidate_dropout: bool = False,
+    train: bool = True,
 ):
-    """The loss function `(model, batch, rng) -> (loss, metrics)` of a stage."""
+    """The loss function `(model, batch, rng) -> (loss, metrics)` of a stage.
+
+    `train=False` is the evaluation form (training/stage_eval.py): no dropout and no Gumbel noise,
+    `rng` unused; on the same batch it equals the training loss of a model without dropout."""
     if get_stage(stage).retrieval:
         return lambda model, batch, rng: retrieval_loss(
             model,
             batch,
             cfg,
             rng,
+            train=train,
             gumbel=gumbel,
             straight_through=straight_through,
             candidate_dropout=candidate_dropout,
         )
     return lambda model, batch, rng: compression_loss(
-        model, batch, cfg, rng, docs_per_example=docs_per_example
+        model, batch, cfg, rng, docs_per_example=docs_per_example, train=train
     )

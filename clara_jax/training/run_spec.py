@@ -72,6 +72,7 @@ class DataSettings:
     cache_candidates: bool = True
     eval_every: int = 0
     eval_questions: int = 64
+    eval_max_new_tokens: int = 16
 
     def __post_init__(self):
         check_fields(
@@ -81,9 +82,15 @@ class DataSettings:
                 "data.eval_every",
                 self.eval_every,
                 self.eval_every >= 0,
-                ">= 0 (0: no periodic dev evaluation)",
+                ">= 0 (0: no evaluation during training)",
             ),
             ("data.eval_questions", self.eval_questions, self.eval_questions >= 1, ">= 1"),
+            (
+                "data.eval_max_new_tokens",
+                self.eval_max_new_tokens,
+                self.eval_max_new_tokens >= 0,
+                ">= 0 (0: no answers generated during evaluation)",
+            ),
         )
 
 
@@ -243,20 +250,31 @@ def _parsed(c, field: str, parse):
 
 def _run_checks(c, stage: Stage | None) -> list[Check]:
     """The run's own scalars, and what one section asks of another."""
+    d = c.data
     checks = [
         ("total_steps", c.total_steps, c.total_steps >= 0, ">= 0 (0: derived from the data)"),
         ("log_every", c.log_every, c.log_every >= 1, ">= 1"),
     ]
+    if d.eval_every > 0:  # evaluation during training (training/stage_eval.py)
+        what = (
+            "an evaluation file with pos_index (the dev questions to rank and answer)"
+            if stage is not None and stage.retrieval
+            else f"a file of {stage.name if stage else 'the stage'}'s records (the dev records to evaluate on)"
+        )
+        micro = c.batch.micro_size
+        checks += [
+            ("data.eval", d.eval, bool(d.eval), f"{what} when data.eval_every > 0"),
+            (
+                "data.eval_questions",
+                d.eval_questions,
+                d.eval_questions >= micro,
+                f">= batch.micro_size = {micro} when data.eval_every > 0 (the eval loss reads whole micro-batches)",
+            ),
+        ]
     if stage is not None and stage.retrieval:
-        k, d = c.clara, c.data
+        k = c.clara
         checks += [
             ("data.candidates", d.candidates, d.candidates >= k.top_k, f">= clara.top_k = {k.top_k}"),
-            (
-                "data.eval",
-                d.eval,
-                not d.eval_every or bool(d.eval),
-                "a file with pos_index when data.eval_every > 0 (the dev questions to rank)",
-            ),
             ("clara.mse_weight", k.mse_weight, k.mse_weight == 0, "0 in stage 3 (the compressor is frozen)"),
             (
                 "data.cache_candidates",
