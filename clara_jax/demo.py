@@ -20,8 +20,6 @@ import os
 import random
 import time
 
-from flax import nnx
-
 from clara_jax.data.sources import read_records
 from clara_jax.data.synthetic import SyntheticCorpusConfig, chance_recall, write_corpus
 from clara_jax.data.tiny_tokenizer import TINY_TOKENIZER_DIR
@@ -159,8 +157,10 @@ def stage_overrides(data_dir: str, base_dir: str, scale: float, seed: int = 0) -
     }
 
 
-def _evaluate(built_tok, model, clara, records, reader_check: bool = False):
-    inference = ClaraInference(built_tok, model, clara, batch_size=25, query_max_length=24)
+def _evaluate(built_tok, model, clara, records, reader_check: bool = False, query_encoder="query_reasoner"):
+    inference = ClaraInference(
+        built_tok, model, clara, batch_size=25, query_max_length=24, query_encoder=query_encoder
+    )
     result = evaluate_retrieval_qa(inference, records, k=clara.top_k, max_new_tokens=12)
     scores = result["scores"]
     if reader_check:  # does the generator read? (the answers with and without the gold passages)
@@ -218,7 +218,8 @@ def run_demo(
 
     log("[demo] scoring the untrained model (fresh adapters) ...")
     fresh = build_model(configs["stage3"])
-    before = _evaluate(fresh.tokenizer, fresh.model, fresh.clara, eval_records)
+    # fresh adapters: compressor = query reasoner = the base; ranking by the compressor says so plainly
+    before = _evaluate(fresh.tokenizer, fresh.model, fresh.clara, eval_records, query_encoder="compressor")
 
     previous, summaries, after_stage2 = "", {}, None
     for stage in STAGE_NAMES:
@@ -230,8 +231,9 @@ def run_demo(
         previous = stage_dir
         if stage == "stage2":  # what stage 3 starts from: the query reasoner is the compressor
             tok, model, clara = load_clara_model(os.path.join(stage_dir, "model"))
-            nnx.update(model.adapters["query_reasoner"], nnx.state(model.adapters["compressor"]))
-            after_stage2 = _evaluate(tok, model, clara, eval_records, reader_check=True)
+            after_stage2 = _evaluate(
+                tok, model, clara, eval_records, reader_check=True, query_encoder="compressor"
+            )
 
     after = _evaluate(*load_clara_model(os.path.join(previous, "model")), eval_records, reader_check=True)
     chance = {"recall@1": chance_recall(raw_eval, 1), "recall@5": chance_recall(raw_eval, 5)}
