@@ -288,3 +288,16 @@ def test_a_run_logs_eval_loss_answers_and_best_step_to_every_sink(corpus, tmp_pa
     )
     names = {os.path.basename(p) for p in summary.plots}
     assert {"loss.png", "answers.png", "accuracy.png"} <= names
+
+    # step times run from completion to completion with the compilation kept out (issue #18): the
+    # utilisation against the measured matmul peak is a share, the same figure in every sink
+    train = [r for r in rows if "train/utilisation" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(0 < r["train/utilisation"] <= 1 for r in train), train
+    np.testing.assert_allclose(
+        [v for _, v in scalars["train/utilisation"]], [r["train/utilisation"] for r in train], rtol=1e-6
+    )
+    # one compilation per batch shape (bucketed lengths), each timed, the first at step 1
+    shapes = [str(c["shapes"]) for c in summary.compiles]
+    assert summary.compiles[0]["step"] == 1 and len(set(shapes)) == len(shapes) <= 2
+    assert all(c["seconds"] > 0 and "gen_ids" in c["shapes"] for c in summary.compiles)

@@ -47,6 +47,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         best = summary.best
         which = "lowest" if best["mode"] == "min" else "highest"
         print(f"  best evaluation: step {best['step']} ({best['metric']} = {best['value']:.4g}, the {which})")
+    if summary.compiles:
+        seconds = sum(c["seconds"] for c in summary.compiles)
+        print(
+            f"  the train step compiled {len(summary.compiles)} time(s), one per batch shape, "
+            f"{seconds:.1f} s in all (kept out of the step times)"
+        )
     for path in summary.plots:
         print(f"  plot: {path}")
     return EXIT_OK

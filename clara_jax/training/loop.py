@@ -66,6 +66,9 @@ class RunSummary:
     # the best evaluation (training/stage_eval.py BestStep: lowest eval/loss in stages 1-2, highest
     # dev/recall@1 in stage 3), {} without evaluation: {"metric", "mode", "step", "value"}
     best: dict = dataclasses.field(default_factory=dict)
+    # every compilation of the train step in this run: {"step", "shapes", "seconds"} (one per new
+    # batch shape: the bucketed lengths), kept out of the step times and the throughput figures
+    compiles: list = dataclasses.field(default_factory=list)
 
     @property
     def best_step(self) -> int | None:
@@ -280,6 +283,49 @@ def _restore_best(best: BestStep, history_path: str | None) -> None:
         )
         step, value = multihost_utils.broadcast_one_to_all(found)
         best.step, best.value = (None, None) if step < 0 else (int(step), float(value))
+
+
+class StepClock:
+    """Step times from completion to completion, with compilations timed and kept out.
+
+    A step's time runs from the end of the previous step (or of whatever ran between, see
+    `restart`) to the moment its outputs are ready, minus the time its dispatch spent compiling: a
+    dispatch that grows the jitted step's cache compiled a program for a new batch shape, which is
+    logged with its shapes and duration. So tokens/s and FLOP utilisation describe the steps alone,
+    and the progress bar, TensorBoard and metrics.jsonl all read the same figure."""
+
+    def __init__(self, step_fn):
+        self.step_fn, self.compiles = step_fn, []
+        self._since = time.perf_counter()
+        self._compile_s = 0.0
+
+    def restart(self) -> None:
+        self._since, self._compile_s = time.perf_counter(), 0.0
+
+    def dispatch(self, state, frozen, batch, *, step: int):
+        size = self.step_fn._cache_size()
+        start = time.perf_counter()
+        out = self.step_fn(state, frozen, batch)
+        if self.step_fn._cache_size() > size:  # this call compiled a program for new shapes
+            seconds = time.perf_counter() - start
+            shapes = {k: tuple(v.shape) for k, v in batch.items()}
+            self.compiles.append({"step": step, "shapes": shapes, "seconds": seconds})
+            self._compile_s += seconds
+            log.info(
+                "compiled the train step for %s in %.1f s (compilation %d)",
+                shapes,
+                seconds,
+                len(self.compiles),
+            )
+        return out
+
+    def finished(self, outputs) -> float:
+        """Wait for `outputs` of the step in flight; its seconds, compilation excluded."""
+        jax.block_until_ready(outputs)
+        now = time.perf_counter()
+        seconds = max(now - self._since - self._compile_s, 1e-9)
+        self._since, self._compile_s = now, 0.0
+        return seconds
 
 
 def _finite(metrics: dict) -> bool:
@@ -507,45 +553,62 @@ def run_training(
         )
         return True
 
+    clock = StepClock(trainer.step)
     with jax.set_mesh(mesh), _StopFlag() as stop:
         try:
             if step == 0:
                 evaluate(0)  # where the model starts
-            tick = time.perf_counter()
+            clock.restart()
             while step < total_steps:
                 try:
-                    arrays = next(batches)
+                    arrays = next(batches)  # host work, overlapping the step in flight
                 except StopIteration:
                     break
                 batch = _global_batch(arrays, trainer.shardings.batch)
-                state, metrics = trainer.step(state, trainer.frozen, batch)  # dispatched, not awaited
+                if pending is not None and pending[2] is None:  # the step in flight ends
+                    pending = (*pending[:2], clock.finished(pending[1]), *pending[3:])
+                state, metrics = clock.dispatch(state, trainer.frozen, batch, step=step + 1)
                 step += 1
                 if pending is not None:
-                    flush(pending)  # the previous step's metrics: by now that step has finished
-                now = time.perf_counter()
+                    flush(pending)
                 tokens = sum(int(arrays[k].sum()) for k in TOKEN_MASKS if k in arrays)
                 flops = step_flops(built.model.config, stage, arrays, config.lora.rank)
-                pending = (step, metrics, now - tick, flops, tokens)
-                tick = now
+                pending = (step, metrics, None, flops, tokens)
                 bar.update(1)
-                if evaluate(step):
-                    tick = time.perf_counter()  # the next step's time and throughput leave it out
+                eval_due = evaluator is not None and step % config.data.eval_every == 0
+                save_due = step % config.checkpoint.every_steps == 0 or step == total_steps
+                if eval_due or save_due:  # the state is needed now: this step's time ends here
+                    pending = (step, metrics, clock.finished(metrics), flops, tokens)
+                evaluate(step)
                 stopping = stop.should_stop(step)
-                if step % config.checkpoint.every_steps == 0 or step == total_steps or stopping:
+                if save_due or stopping:
+                    if pending[2] is None:
+                        pending = (step, metrics, clock.finished(metrics), flops, tokens)
                     flush(pending)  # never checkpoint a state whose loss is not finite
                     pending = None
                     ckpt.save(step, state, batches.state(), meta, wait=stopping)
                     last_good = step
+                if eval_due or save_due or stopping:
+                    clock.restart()  # evaluation and saving stay out of the next step's time
                 if stopping:
                     preempted = True
                     log.warning("%s received: saved step %d, exiting", stop.signal, step)
                     break
             if pending is not None:
+                if pending[2] is None:
+                    pending = (*pending[:2], clock.finished(pending[1]), *pending[3:])
                 flush(pending)
         finally:
             bar.close()
             ckpt.close()
             writer.close()
+    if clock.compiles:
+        log.info(
+            "the train step compiled %d time(s), %.1f s in all (%s)",
+            len(clock.compiles),
+            sum(c["seconds"] for c in clock.compiles),
+            "; ".join(f"step {c['step']}: {c['shapes']} in {c['seconds']:.1f} s" for c in clock.compiles),
+        )
 
     plots = plot_history(workdir) if (is_main and config.plot and not preempted) else []
     trainer.state = state
@@ -597,4 +660,5 @@ def run_training(
         final_metrics,
         plots,
         best=best.as_dict() if best is not None and best.step is not None else {},
+        compiles=clock.compiles,
     )
