@@ -35,10 +35,11 @@ def _setup():
 
 
 def _train_records(n):
-    if SAMPLE.exists():  # real SCP text (train lines only)
-        with open(SAMPLE) as f:
-            return [json.loads(next(f)) for _ in range(n)]
-    return [{"question": ["Who?"], "answers": ["Ann."], "docs": ["Ann wrote it."]}] * n
+    """Real SCP text (train lines only); CI always has ../shared beside the checkout."""
+    if not SAMPLE.exists():
+        pytest.skip(f"the shared SCP sample is not at {SAMPLE} (the tests assert on real passage lengths)")
+    with open(SAMPLE) as f:
+        return [json.loads(next(f)) for _ in range(n)]
 
 
 def _arrays(enc, gen):
