@@ -90,8 +90,12 @@ def rms_norm(x, weight, eps):
     return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def attention(q, k, v, allowed):
-    """Grouped-query attention. q [B,S,H,Dh], k/v [B,T,KV,Dh], allowed [B,S,T] bool."""
+# Queries per attention block: the scores of one block ([B, KV, G, block, T] float32) are the
+# largest live buffer of the step, so blocks bound the memory the way flash attention does.
+ATTENTION_BLOCK = 128
+
+
+def _attention_block(q, k, v, allowed):
     b, s, h, dh = q.shape
     kv = k.shape[2]
     q = q.reshape(b, s, kv, h // kv, dh)
@@ -100,6 +104,30 @@ def attention(q, k, v, allowed):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(b, s, h * dh)
+
+
+# Why recompute: saving the probabilities for the backward pass costs layers x B x H x S x T floats
+# (522 MB of the 1.26 GB of temporaries of the official-benchmark stage-1 step, plus a head-broadcast
+# copy of the mask); recomputing them from q, k, v costs one more QK^T and softmax per layer.
+_attention_block_remat = jax.checkpoint(_attention_block)
+
+
+def attention(q, k, v, allowed, block: int = ATTENTION_BLOCK):
+    """Grouped-query attention. q [B,S,H,Dh], k/v [B,T,KV,Dh], allowed [B,S,T] bool.
+
+    Queries run in blocks of `block` rows (one `lax.map` step each) and every block's scores and
+    probabilities are recomputed in the backward pass instead of saved: peak memory grows with
+    block x T, not S x T, and the saved activations are only q, k, v and the mask."""
+    b, s, h, dh = q.shape
+    if s <= block:
+        return _attention_block_remat(q, k, v, allowed)
+    n = -(-s // block)
+    pad = n * block - s
+    blocks = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(  # noqa: E731
+        b, n, block, *x.shape[2:]
+    ).swapaxes(0, 1)
+    out = jax.lax.map(lambda qa: _attention_block_remat(qa[0], k, v, qa[1]), (blocks(q), blocks(allowed)))
+    return out.swapaxes(0, 1).reshape(b, n * block, h * dh)[:, :s]
 
 
 def _project(x, p, name, lora, lora_spec, layer_key, bias=False):
