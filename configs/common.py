@@ -98,6 +98,9 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.data.eval_every = 0
     c.data.eval_questions = 64  # the first N records of data.eval (in whole micro-batches for the loss)
     c.data.eval_max_new_tokens = 16  # greedy answer length when scoring answers (0: no answers)
+    # compile the train step before step 0 for every batch shape (bucketed lengths) the run's data will
+    # produce, so that no step stalls mid-run on a compilation (the host tokenizes the run's batches once)
+    c.data.precompile_buckets = False
 
     c.batch = ml_collections.ConfigDict()
     c.batch.global_size = 128  # examples per optimizer step
@@ -126,6 +129,10 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.log_every = 10
     c.plot = True
     c.peak_flops = 0.0  # per-device peak FLOP/s for the utilisation estimate (0: measure a matmul at start)
+    # before step 0, set the compiled train step's memory (arguments, outputs, temporaries) against the
+    # device's (accelerator memory, or the host's available RAM on CPU); refuse a step that cannot fit
+    # (exit 2), naming the micro-batch, remat and generator length that would
+    c.memory_check = True
     return c
 
 

@@ -11,7 +11,7 @@ import sys
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # a check that ran and failed: `compile` finds a step that does not fit, `serve` cannot bind
-EXIT_BAD_INPUT = 2  # usage, config, data, a missing file: refused, with a message and no traceback
+EXIT_BAD_INPUT = 2  # usage, config, data, a missing file, a step too big: refused, with a message
 EXIT_DIVERGED = 3  # a run that stopped itself: training diverged (non-finite loss), synthesis gave up
 
 EXIT_STATUS_HELP = """\
@@ -19,7 +19,8 @@ exit status:
   0  success (and a `train` run stopped by SIGTERM/SIGINT after saving its checkpoint)
   1  a check that ran and failed: `compile` finds a step that does not fit in HBM, `serve` cannot
      bind its port
-  2  bad input: usage, config, data, a missing file or model (a message, never a traceback)
+  2  bad input: usage, config, data, a missing file or model, a `train` step that does not fit in
+     memory (a message, never a traceback)
   3  a run that stopped itself: `train` diverged (non-finite loss; the last good checkpoint is
      named), `synthesize` gave up after --max-consecutive-errors backend failures in a row"""
 

@@ -49,8 +49,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"  best evaluation: step {best['step']} ({best['metric']} = {best['value']:.4g}, the {which})")
     if summary.compiles:
         seconds = sum(c["seconds"] for c in summary.compiles)
+        ahead = sum(1 for c in summary.compiles if c["step"] == 0)
         print(
-            f"  the train step compiled {len(summary.compiles)} time(s), one per batch shape, "
+            f"  the train step compiled {len(summary.compiles)} time(s), one per batch shape "
+            f"({ahead} before step 0, {len(summary.compiles) - ahead} during the run), "
             f"{seconds:.1f} s in all (kept out of the step times)"
         )
     for path in summary.plots:

@@ -13,7 +13,9 @@ Arrays come out as [micro_steps, micro_size, ...], the layout training/step.py a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -190,6 +192,22 @@ def to_micro_steps(arrays: dict, examples: int, micro_size: int, docs_per_exampl
     return out
 
 
+def _shape_only(lookup):
+    """A `candidate_memory` lookup that returns rows of the right shape and dtype without gathering
+    them (a read-only broadcast of one zero row): for walking the batches' shapes only."""
+    if lookup is None:
+        return None
+    row = []
+
+    def stub(texts):
+        if not row:
+            memory, _ = lookup(list(texts[:1]))
+            row.append(np.zeros(memory.shape[1:], memory.dtype))
+        return np.broadcast_to(row[0], (len(texts), *row[0].shape)), np.zeros(len(texts), bool)
+
+    return stub
+
+
 class BatchIterator:
     """Global batches of tokenized records; `state()` / `restore()` make it resumable."""
 
@@ -235,6 +253,21 @@ class BatchIterator:
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"checkpoint data state has seed {state['seed']}, this run uses {self.seed}")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def remaining_shapes(self, limit: int | None = None) -> list[dict]:
+        """The distinct shapes of the batches this iterator has yet to give, at most `limit` of them
+        ahead: `{key: (shape, dtype)}` per shape, in the order they first appear. A batch's widths
+        follow its longest rows (bucketed), so this tokenizes those batches once on the host; the
+        iterator itself does not move. Stage 3's cached candidate memory is not gathered (its shape
+        is fixed)."""
+        walker = copy.copy(self)
+        walker.stats = TokenStats()
+        walker.candidate_memory = _shape_only(self.candidate_memory)
+        seen = {}
+        for arrays in itertools.islice(walker, limit):
+            key = tuple((k, v.shape, v.dtype.str) for k, v in arrays.items())
+            seen.setdefault(key, {k: (v.shape, v.dtype) for k, v in arrays.items()})
+        return list(seen.values())
 
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))

@@ -14,6 +14,7 @@ which all processes save and stop together.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -37,6 +38,7 @@ from clara_jax.model.stage_registry import get_stage
 from clara_jax.parallel.distributed import barrier
 from clara_jax.parallel.mesh import MeshConfig, describe, make_mesh, num_slices
 from clara_jax.parallel.rules import parse_rules
+from clara_jax.training.ahead import StepExecutables, batch_structs, compile_ahead
 from clara_jax.training.build import build_model, init_from_previous_stage
 from clara_jax.training.candidate_cache import CandidateCache, reads_cached_candidates
 from clara_jax.training.checkpoint import Checkpointer, abstract_like
@@ -67,7 +69,8 @@ class RunSummary:
     # dev/recall@1 in stage 3), {} without evaluation: {"metric", "mode", "step", "value"}
     best: dict = dataclasses.field(default_factory=dict)
     # every compilation of the train step in this run: {"step", "shapes", "seconds"} (one per new
-    # batch shape: the bucketed lengths), kept out of the step times and the throughput figures
+    # batch shape: the bucketed lengths), kept out of the step times and the throughput figures;
+    # step 0: compiled before step 0 (the memory check's, and data.precompile_buckets')
     compiles: list = dataclasses.field(default_factory=list)
 
     @property
@@ -375,6 +378,79 @@ def _candidate_cache(
     return cache
 
 
+def _when(step: int) -> str:
+    return f"step {step}" if step else "before step 0"
+
+
+def _with_remat(model, remat: str):
+    """The same model (its arrays shared, not copied) with another rematerialisation policy."""
+    graphdef, params = nnx.split(model)
+    other = nnx.merge(graphdef, params)
+    other.remat = remat
+    return other
+
+
+def _compile_ahead(config, built, spec, trainer, state, batches, mesh, total_steps, *, steps_left):
+    """The step to call in the loop, and its compilations before step 0 (training/ahead.py): for the
+    next batch's shape when `memory_check` is on, for every batch shape the run has left with
+    `data.precompile_buckets`; the memory check refuses a step that cannot fit (StepDoesNotFit)."""
+    precompile = bool(config.data.get("precompile_buckets", False))
+    if not (config.get("memory_check", True) or precompile) or steps_left <= 0:
+        return trainer.step, []
+    start = time.perf_counter()
+    shapes = batches.remaining_shapes(limit=steps_left if precompile else 1)
+    if precompile:
+        log.info(
+            "the run's %d remaining batches come in %d shape(s) (bucketed lengths; found in %.1f s)",
+            steps_left,
+            len(shapes),
+            time.perf_counter() - start,
+        )
+    rules = parse_rules(config.sharding_rules)
+    optim = optimizer_config(config, total_steps)
+
+    def candidate_program(candidate_shapes, remat=None):  # the same step for other settings
+        model = built.model if remat is None else _with_remat(built.model, remat)
+        return stage_program(
+            model,
+            spec,
+            built.clara,
+            optim,
+            mesh,
+            batch_structs(candidate_shapes),
+            seed=config.seed,
+            gumbel=config.clara.gumbel,
+            straight_through=config.clara.straight_through,
+            candidate_dropout=config.clara.candidate_dropout,
+            rules=rules,
+        )
+
+    def generator_probe(length: int):  # the next batch with a shorter generator: (cut, rows) or None
+        probe = copy.copy(batches)
+        probe.layout = dataclasses.replace(batches.layout, generator_max_length=length)
+        probe.stats = TokenStats()
+        try:
+            next(probe)
+        except (ValueError, StopIteration):  # e.g. the memory slots no longer fit in a row
+            return None
+        return probe.stats.targets_truncated, probe.stats.examples
+
+    steps = StepExecutables(trainer.step)
+    compiles = compile_ahead(
+        config,
+        steps,
+        state,
+        trainer.frozen,
+        trainer.shardings.batch,
+        shapes,
+        mesh,
+        candidate_program,
+        rules=rules,
+        generator_probe=generator_probe,
+    )
+    return steps, compiles
+
+
 def run_training(
     config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, dcn_mesh: str = ""
 ) -> RunSummary:
@@ -451,10 +527,6 @@ def run_training(
         rules=parse_rules(config.sharding_rules),
     ).start()
     del first
-    dev = dev_retrieval(config, built, eval_records)
-    evaluator = stage_eval(config, built, eval_records, trainer.graphdef, mesh, progress=progress and is_main)
-    best = BestStep.for_stage(stage) if evaluator is not None else None
-
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         keep=config.checkpoint.keep,
@@ -473,6 +545,27 @@ def run_training(
             np.int32(start_step if restored is not None else -1),
             "processes resumed from different checkpoints (-1: none)",
         )
+    # before step 0: the step compiled for the next batch (and, on request, every batch shape of the
+    # run), its memory checked against the device's; a step that cannot fit stops here (exit 2)
+    try:
+        train_step, ahead_compiles = _compile_ahead(
+            config,
+            built,
+            spec,
+            trainer,
+            state,
+            batches,
+            mesh,
+            total_steps,
+            steps_left=total_steps - start_step,
+        )
+    except BaseException:
+        ckpt.close()
+        raise
+    dev = dev_retrieval(config, built, eval_records)
+    evaluator = stage_eval(config, built, eval_records, trainer.graphdef, mesh, progress=progress and is_main)
+    best = BestStep.for_stage(stage) if evaluator is not None else None
+
     meta = {
         "config": config.to_dict(),
         "init_from": init_info,
@@ -553,7 +646,7 @@ def run_training(
         )
         return True
 
-    clock = StepClock(trainer.step)
+    clock = StepClock(train_step)
     with jax.set_mesh(mesh), _StopFlag() as stop:
         try:
             if step == 0:
@@ -602,12 +695,15 @@ def run_training(
             bar.close()
             ckpt.close()
             writer.close()
-    if clock.compiles:
+    compiles = ahead_compiles + clock.compiles
+    if compiles:
         log.info(
-            "the train step compiled %d time(s), %.1f s in all (%s)",
+            "the train step compiled %d time(s) (%d before step 0, %d during the run), %.1f s in all (%s)",
+            len(compiles),
+            len(ahead_compiles),
             len(clock.compiles),
-            sum(c["seconds"] for c in clock.compiles),
-            "; ".join(f"step {c['step']}: {c['shapes']} in {c['seconds']:.1f} s" for c in clock.compiles),
+            sum(c["seconds"] for c in compiles),
+            "; ".join(f"{_when(c['step'])}: {c['shapes']} in {c['seconds']:.1f} s" for c in compiles),
         )
 
     plots = plot_history(workdir) if (is_main and config.plot and not preempted) else []
@@ -660,5 +756,5 @@ def run_training(
         final_metrics,
         plots,
         best=best.as_dict() if best is not None and best.step is not None else {},
-        compiles=clock.compiles,
+        compiles=compiles,
     )

@@ -73,6 +73,7 @@ class DataSettings:
     eval_every: int = 0
     eval_questions: int = 64
     eval_max_new_tokens: int = 16
+    precompile_buckets: bool = False
 
     def __post_init__(self):
         check_fields(
