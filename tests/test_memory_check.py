@@ -182,6 +182,7 @@ def _tiny_args(train: str, workdir, *extra) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # two compilations of the tiny step on 8 devices: ~25 s on 2 cores
 def test_a_step_that_cannot_fit_exits_2_before_step_0_naming_the_largest_micro_batch_that_fits(
     tmp_path, monkeypatch, capsys
 ):
