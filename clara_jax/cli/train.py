@@ -71,6 +71,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "Any config field can be overridden with --config.FIELD=VALUE (or --config.FIELD VALUE).\n"
         "The run resumes from the newest readable checkpoint in WORKDIR; SIGTERM/SIGINT save and exit 0.\n"
         "Writes WORKDIR/metrics.jsonl, WORKDIR/tensorboard/, WORKDIR/checkpoints/ and PNG plots.\n\n"
+        "Before step 0 the step is compiled and its memory (arguments, outputs, temporaries) set against\n"
+        "the device's (accelerator memory, or the host's available RAM on CPU): a step that cannot fit\n"
+        "exits 2 naming the largest micro_size that fits, remat=full and a shorter generator, each\n"
+        "checked by compiling it (--config.memory_check=false skips it). --config.data.precompile_buckets\n"
+        "=true compiles every batch shape of the run before step 0, so that no step stalls mid-run.\n\n"
         "Multi-process (every process runs the same command; process 0 writes logs, plots and the model):\n"
         "  clara-jax train ... --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # or 1\n"
         "  clara-jax train ... --multihost auto     # TPU pod, Slurm or Open MPI: detected by JAX",
