@@ -19,6 +19,7 @@ global batch, full rematerialisation at the same micro-batch, and a generator ha
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -263,13 +264,64 @@ def find_fitting_settings(
     `generator_probe(length)`: the same batch laid out with that clara.generator_max_length, as
     (prompts + targets cut, rows), or None if its rows could not hold their documents' memory tokens."""
     rows_per_device = rows_per_device or float
-    micro, global_size = config.batch.micro_size, config.batch.global_size
-    lines, largest = [], None
+    micro = config.batch.micro_size
+    lines = []
+    width = shapes["gen_ids"][0][2] if "gen_ids" in shapes else 0
+    shorter = width // 2
+    cut = generator_probe(shorter) if generator_probe and shorter >= 16 else None
+    # remat and the shorter generator do not depend on the micro-batch search: they compile in two
+    # threads beside it (XLA compiles with the GIL released, each mostly on one core)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="memory-check") as pool:
+        remat = pool.submit(compile_candidate, shapes, remat="full") if config.model.remat != "full" else None
+        shorter_ok = shorter >= 16 and not (generator_probe and cut is None)
+        generator = pool.submit(compile_candidate, shorter_generator(shapes, shorter)) if shorter_ok else None
+        largest = _search_micro(
+            config, shapes, measured, available, compile_candidate, rows_per_device, lines
+        )
+        remat, generator = (f and f.result() for f in (remat, generator))
 
-    # 1. the largest micro-batch that fits, among those that divide the global batch. The batch
-    # arguments hold the whole global batch at any micro size; the temporaries follow the rows each
-    # device computes, so a micro size whose share of them is far beyond the memory is estimated, not
-    # compiled.
+    # 2. recompute each layer's activations in the backward pass, at the same micro-batch
+    if remat is not None:
+        lines.append(
+            f"--config.model.remat=full: needs {needs(remat)} at micro_size={micro}: "
+            f"{'fits' if fits(remat, available) else 'does not fit'} (activations are recomputed "
+            "in the backward pass: slower steps)"
+        )
+
+    # 3. a generator half as long, at the same micro-batch (longer prompts + targets are cut, and counted)
+    if shorter >= 16 and generator_probe and cut is None:
+        lines.append(
+            f"clara.generator_max_length={shorter} is not an option: it would cut the documents' memory "
+            f"tokens out of this batch's prompts ({width} tokens now)"
+        )
+    elif generator is not None:
+        cuts = f"; it cuts {cut[0]} of these {cut[1]} prompts + targets, counted" if cut else ""
+        lines.append(
+            f"--config.clara.generator_max_length={shorter}: needs {needs(generator)} at "
+            f"micro_size={micro}: {'fits' if fits(generator, available) else 'does not fit'} (this "
+            f"batch's generator rows are {width} tokens{cuts})"
+        )
+
+    what = f"it needs {needs(measured)}" + ("" if measured.error else f" ({measured.parts()})")
+    message = (
+        f"the train step does not fit in memory: {what} for batch {_shapes_text(shapes)} at "
+        f"batch.micro_size={micro}, and {gib(available.bytes)} is available ({available.what}). "
+        "Each setting below was checked by compiling the step for it (nothing ran):\n    "
+        + "\n    ".join(lines)
+        + "\n  (--config.memory_check=false skips this check)"
+    )
+    return StepDoesNotFit(message, memory=measured, available=available, largest_micro=largest)
+
+
+def _search_micro(
+    config, shapes, measured, available, compile_candidate, rows_per_device, lines
+) -> int | None:
+    """1. The largest micro-batch that fits, among those that divide the global batch (its lines are
+    appended to `lines`). The batch arguments hold the whole global batch at any micro size; the
+    temporaries follow the rows each device computes, so a micro size whose share of them is far
+    beyond the memory is estimated, not compiled."""
+    micro, global_size = config.batch.micro_size, config.batch.global_size
+    largest = None
     fixed = measured.per_device - measured.temp_bytes
     too_big, compiled, untried = [], 0, None
     for m in (d for d in range(micro - 1, 0, -1) if global_size % d == 0):
@@ -305,41 +357,4 @@ def find_fitting_settings(
     if too_big:
         lines.append("too large: " + ", ".join(too_big))
 
-    # 2. recompute each layer's activations in the backward pass, at the same micro-batch
-    if config.model.remat != "full":
-        memory = compile_candidate(shapes, remat="full")
-        if memory is not None:
-            lines.append(
-                f"--config.model.remat=full: needs {needs(memory)} at micro_size={micro}: "
-                f"{'fits' if fits(memory, available) else 'does not fit'} (activations are recomputed "
-                "in the backward pass: slower steps)"
-            )
-
-    # 3. a generator half as long, at the same micro-batch (longer prompts + targets are cut, and counted)
-    width = shapes["gen_ids"][0][2] if "gen_ids" in shapes else 0
-    shorter = width // 2
-    cut = generator_probe(shorter) if generator_probe and shorter >= 16 else None
-    if shorter >= 16 and generator_probe and cut is None:
-        lines.append(
-            f"clara.generator_max_length={shorter} is not an option: it would cut the documents' memory "
-            f"tokens out of this batch's prompts ({width} tokens now)"
-        )
-    elif shorter >= 16:
-        memory = compile_candidate(shorter_generator(shapes, shorter))
-        if memory is not None:
-            cuts = f"; it cuts {cut[0]} of these {cut[1]} prompts + targets, counted" if cut else ""
-            lines.append(
-                f"--config.clara.generator_max_length={shorter}: needs {needs(memory)} at "
-                f"micro_size={micro}: {'fits' if fits(memory, available) else 'does not fit'} (this "
-                f"batch's generator rows are {width} tokens{cuts})"
-            )
-
-    what = f"it needs {needs(measured)}" + ("" if measured.error else f" ({measured.parts()})")
-    message = (
-        f"the train step does not fit in memory: {what} for batch {_shapes_text(shapes)} at "
-        f"batch.micro_size={micro}, and {gib(available.bytes)} is available ({available.what}). "
-        "Each setting below was checked by compiling the step for it (nothing ran):\n    "
-        + "\n    ".join(lines)
-        + "\n  (--config.memory_check=false skips this check)"
-    )
-    return StepDoesNotFit(message, memory=measured, available=available, largest_micro=largest)
+    return largest
