@@ -229,7 +229,9 @@ def run_demo(
         log(f"[demo] training {stage} ({config.total_steps} steps) in {stage_dir}")
         summaries[stage] = run_training(config, stage_dir)
         previous = stage_dir
-        if stage == "stage2":  # what stage 3 starts from: the query reasoner is the compressor
+        successor = get_stage(stage).successor
+        if successor is not None and successor.query_from_compressor:
+            # what stage 3 starts from: its query reasoner is this compressor
             tok, model, clara = load_clara_model(os.path.join(stage_dir, "model"))
             after_stage2 = _evaluate(
                 tok, model, clara, eval_records, reader_check=True, query_encoder="compressor"

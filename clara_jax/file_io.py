@@ -14,15 +14,22 @@ complete in a hidden sibling (`staging_dir`) and swapped in by `replace_dir` wit
 A crash between the two renames leaves no `model`, only `.model.old` (complete): `live_dir` sends
 readers there, and the next `replace_dir` keeps it until the new copy is in place. So at every
 instant a reader finds exactly the old copy or the new one, never a mix.
+
+A cache directory that several processes may build at once (a converted GGUF, a tokenizer) is
+built by `build_dir_once`: each builder works in its own temporary sibling and renames it in; the
+first complete copy wins and the others keep it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -80,12 +87,17 @@ def remove_temps(path: str | os.PathLike) -> list[str]:
     return removed
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """Yield the temporary name to write `path` under (`temp_path`); when the block ends without
+    an error, the file is fsynced and renamed over `path`, and the directory fsynced. On an error
+    the temporary file is removed and `path` is left as it was.
+
+    For writers that take a file name (e.g. a C++ record writer) rather than bytes."""
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -93,6 +105,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
             os.remove(tmp)
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def write_json_atomic(path: str | os.PathLike, obj, *, ensure_ascii: bool = True) -> None:
@@ -158,3 +175,48 @@ def live_dir(target: str | os.PathLike) -> str:
         return target
     old = _sibling(target, "old")
     return old if os.path.isdir(old) else target
+
+
+def build_dir_once(
+    target: str | os.PathLike,
+    build: Callable[[Path], None],
+    is_complete: Callable[[Path], bool],
+) -> str:
+    """`target` as a complete directory, built by `build(tmp)` only if `is_complete(target)` is
+    false; returns `str(target)`.
+
+    For caches that several processes may fill at once. Each builder writes into its own
+    temporary sibling (`build` should write whatever `is_complete` checks, e.g. a stamp, last),
+    which is then renamed in, so a reader never sees half a directory. If another process put a
+    complete copy in place meanwhile, that copy is kept and ours is dropped; an incomplete or
+    stale `target` is moved aside first. The directory gets the usual umask permissions (not
+    mkdtemp's 0700), so a shared cache stays readable to other users.
+    """
+    target = Path(target)
+    if is_complete(target):
+        return str(target)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.build.", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        build(tmp)
+        if os.path.lexists(target):
+            if is_complete(target):  # another process finished first: keep theirs
+                return str(target)
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale.", dir=parent))
+            try:
+                os.rename(target, stale / "old")
+            except OSError:  # another process moved it first
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not is_complete(target):  # lost the race to a complete copy: fine; anything else: raise
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)

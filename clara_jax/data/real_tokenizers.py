@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from clara_jax.data.chat_templates import MISTRAL_CHAT_TEMPLATE
-from clara_jax.file_io import cache_root, sha256_file
+from clara_jax.file_io import build_dir_once, cache_root, sha256_file
 
 # Bump when the conversion or a template changes, so stale cache directories are rebuilt.
 BUILD_VERSION = 1
@@ -116,41 +114,24 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
 
 
 def _build_once(target: Path, stamp: dict, write: Callable[[Path], None]) -> str:
-    """Build into a temp dir next to `target` and rename it in, so readers never see half a dir.
+    """`target` built once by `write` (`file_io.build_dir_once`: readers never see half a dir).
 
-    The stamp (source hash + build version) detects stale caches; a concurrent builder that wins
-    the rename race is accepted as long as its stamp matches.
+    The stamp (source hash + build version), written last, detects stale caches; a concurrent
+    builder that finishes first is kept as long as its stamp matches.
     """
-    stamp_file = target / "clara_jax_build.json"
+    stamp_file = "clara_jax_build.json"
 
-    def fresh() -> bool:
+    def fresh(directory: Path) -> bool:
         try:
-            return json.loads(stamp_file.read_text()) == stamp
+            return json.loads((directory / stamp_file).read_text()) == stamp
         except (OSError, ValueError):
             return False
 
-    if fresh():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    def build(tmp: Path) -> None:
         write(tmp)
-        (tmp / stamp_file.name).write_text(json.dumps(stamp, indent=1, sort_keys=True))
-        if target.exists():  # stale: move it aside first (rename of a non-empty dir over it fails)
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            try:
-                os.replace(target, old / "d")
-            except OSError:
-                pass
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not fresh():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+        (tmp / stamp_file).write_text(json.dumps(stamp, indent=1, sort_keys=True))
+
+    return build_dir_once(target, build, fresh)
 
 
 def _write_config(out: Path, config: dict, template: str) -> None:

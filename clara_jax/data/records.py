@@ -1,7 +1,7 @@
 """Normalised training/evaluation records, and the validation that turns a raw dict into one.
 
 The official loader (`preprocess_data`, docs/official_code.md §4) guesses field names and fails late: a stage-3
-record with only `gold_answer` crashes deep in the pipeline (§8.1 item 7), and a QA record whose
+record with only `gold_answer` crashes deep in the pipeline (§4.3), and a QA record whose
 questions and answers differ in length is silently truncated by `zip`. Here every record is checked
 once, up front, and a bad one yields a `RecordError` that names the file, the line, the field, what
 was expected and what was found, so a bad line in a 2M-record corpus is a one-line fix.
@@ -19,12 +19,13 @@ Field resolution (documented order, first present wins; a JSON `null` counts as 
 HF `datasets` fills a column missing from some rows with null):
 - documents: `docs`, then `context`, then `content` (the official order);
 - stage-2 / stage-3 target: `answer`, then `gold_answer`, then `golden_answers[0]` (accepting
-  `gold_answer` fixes the crash of §8.1 item 7);
+  `gold_answer` fixes the crash of docs/official_code.md §4.3);
 - eval gold: `golden_answers[0]`, then `gold_answer`, then `answer` (the official evaluate.py reads
   `golden_answers[0]` else `answer`; `gold_answer` goes before `answer` because in the stage-2 format
   `answer` is a teacher's prediction, not a gold);
 - `RetrievalRecord.answers` holds every gold (target first, then `golden_answers`, then `gold_answer`,
-  deduplicated) so metrics can take the max over aliases, which the official code does not (§5.1).
+  deduplicated) so metrics can take the max over aliases, which the official code does not (it
+  uses only the first gold answer, docs/official_code.md §5).
 
 A present field of the wrong type is an error, never a reason to fall back to the next name: a
 stage-3 `answer` that is a list means the file is not what the caller thinks it is.

@@ -8,9 +8,10 @@ Every reader goes through `parse_record` (records.py) and one policy:
   `report.kept + sum(report.skipped.values()) == report.read`.
 
 Formats: JSONL (streamed by `clara_jax.formats.jsonl`, exact line numbers), JSON arrays, Parquet /
-JSON through HF `datasets` (local files only), and ArrayRecord for large corpora, whose
-`ArrayRecordSource` is a random-access source that grain pipelines read directly. The multi-hop adapters turn the shared
-MuSiQue / HotpotQA training files (their own formats) into stage-3 `RetrievalRecord`s.
+JSON through HF `datasets` (local files only), and ArrayRecord for large corpora (written by
+`write_array_record`, one JSON record per entry), whose `ArrayRecordSource` is a random-access
+source that grain pipelines read directly. The multi-hop adapters turn the shared MuSiQue /
+HotpotQA training files (their own formats) into stage-3 `RetrievalRecord`s.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from clara_jax.data.records import (
     record_to_json,
     short_repr,
 )
+from clara_jax.file_io import atomic_file
 from clara_jax.formats import jsonl, strict_json
 
 logger = logging.getLogger(__name__)
@@ -318,20 +320,15 @@ def write_array_record(
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    writer = ArrayRecordWriter(str(tmp), options)
     n = 0
-    try:
-        for item in records_or_dicts:
-            writer.write(record_to_json(item).encode("utf-8"))
-            n += 1
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    writer.close()
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        writer = ArrayRecordWriter(tmp, options)
+        try:
+            for item in records_or_dicts:
+                writer.write(record_to_json(item).encode("utf-8"))
+                n += 1
+        finally:
+            writer.close()
     return n
 
 

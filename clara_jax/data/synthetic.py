@@ -621,11 +621,3 @@ def write_corpus(out_dir: str | os.PathLike, cfg: SyntheticCorpusConfig | None =
     paths["manifest"] = out / MANIFEST_NAME
     paths["manifest"].write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return paths
-
-
-if __name__ == "__main__":
-    import sys
-
-    target = sys.argv[1] if len(sys.argv) > 1 else "synthetic_corpus"
-    for name, p in write_corpus(target).items():
-        print(f"{name:14s} {p}")

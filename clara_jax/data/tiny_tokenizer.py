@@ -8,7 +8,7 @@ CLaRa prompt texts of docs/official_code.md §1.6 plus generic sentences) and gi
 and the Mistral-v0.2 chat template that folds a system message into the first `[INST]`.
 
 The result is committed as package data in `clara_jax/assets/tiny_tokenizer/`
-(`TINY_TOKENIZER_DIR`). Regenerate it with `python -m clara_jax.data.tiny_tokenizer`; the output
+(`TINY_TOKENIZER_DIR`). Regenerate it with `build_tiny_tokenizer(TINY_TOKENIZER_DIR)`; the output
 is deterministic, and a test checks that the asset still equals a fresh build.
 """
 
@@ -150,11 +150,3 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike | None = None, vocab_size: i
     if out_dir is not None:
         hf.save_pretrained(str(out_dir))
     return hf
-
-
-if __name__ == "__main__":
-    import sys
-
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else TINY_TOKENIZER_DIR
-    built = build_tiny_tokenizer(target)
-    print(f"wrote {len(built)}-token tiny tokenizer to {target}")

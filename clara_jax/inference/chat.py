@@ -15,8 +15,6 @@ is split over them (data parallel, weights replicated).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -192,25 +190,15 @@ class ChatModel:
 
 def _gguf_dir(gguf_path: Path) -> str:
     """A .gguf converted once into the clara_jax cache (keyed by its sha256, built atomically)."""
-    from clara_jax.file_io import cache_root, sha256_file
+    from clara_jax.file_io import build_dir_once, cache_root, sha256_file
     from clara_jax.interop.gguf import convert_gguf
 
-    root = cache_root()
-    target = root / f"gguf-{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return str(target)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=root))
-    try:
-        convert_gguf(gguf_path, tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():  # lost a race to a finished copy: fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    target = cache_root() / f"gguf-{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
+    return build_dir_once(
+        target,
+        lambda tmp: convert_gguf(gguf_path, tmp),
+        lambda d: (d / "config.json").is_file() and (d / "model.safetensors").is_file(),
+    )
 
 
 def _tiny(dtype: str, seed: int):

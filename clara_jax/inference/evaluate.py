@@ -149,21 +149,6 @@ def evaluate_records(
     return evaluate_given_documents(clara, records, k=k, max_new_tokens=max_new_tokens)
 
 
-def evaluate_file(
-    clara: ClaraInference,
-    path: str,
-    *,
-    mode: str = "rerank",
-    k: int = 5,
-    max_new_tokens: int | None = None,
-    limit: int | None = None,
-    policy: str = "error",
-) -> dict:
-    """Scores of one evaluation file (official formats, with or without `pos_index`)."""
-    records = read_eval_file(path, k=k, limit=limit, policy=policy)
-    return evaluate_records(clara, records, mode=mode, k=k, max_new_tokens=max_new_tokens)
-
-
 # --- paraphrase quality (the official `stage1_paraphrase` evaluation) ----------------------------
 
 # The official evaluation calls generate_from_paraphrase with its default answer length.

@@ -13,13 +13,11 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from clara_jax.file_io import cache_root, sha256_file
+from clara_jax.file_io import build_dir_once, cache_root, sha256_file
 from clara_jax.interop.hf import hf_config_dict
 from clara_jax.model.config import DecoderConfig
 
@@ -182,36 +180,14 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> str:
     wheel version triggers a fresh conversion.
     """
     gguf_path = smollm2_gguf_path()
-    root = cache_root(cache_dir)
-    target = root / "smollm2-135m-instruct-q4_1"
+    target = cache_root(cache_dir) / "smollm2-135m-instruct-q4_1"
     digest = sha256_file(gguf_path)
-    if _stamp(target) == digest:
-        return str(target)
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=root))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared cache from other users
-    try:
+    def build(tmp: Path) -> None:
         convert_gguf(gguf_path, tmp)
         (tmp / STAMP_FILE).write_text(digest + "\n")
-        for file in tmp.iterdir():
-            os.chmod(file, 0o666 & ~umask)
-        if target.exists():  # stale (other GGUF) or unstamped leftover: move it aside first
-            if _stamp(target) == digest:  # another process finished meanwhile
-                return str(target)
-            stale = Path(tempfile.mkdtemp(prefix=".smollm2-stale-", dir=root))
-            os.rename(target, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if _stamp(target) != digest:  # lost a race to a stamped copy: fine; anything else: raise
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+
+    return build_dir_once(target, build, lambda d: _stamp(d) == digest)
 
 
 def resolve_model_path(path: str) -> str:

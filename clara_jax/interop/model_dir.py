@@ -43,9 +43,9 @@ from clara_jax.interop.hf import load_decoder, save_decoder
 from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.clara_settings import ClaraSettings
 from clara_jax.model.decoder import Decoder
+from clara_jax.model.factory import add_clara_parts
 from clara_jax.model.field_checks import SettingsError
 from clara_jax.model.lora import LoRAConfig
-from clara_jax.model.vocab import extend_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +155,33 @@ def load_clara_model(model_dir: str, *, dtype: str | None = None):
     base, _ = base_weights(model_dir, meta)
     model = load_decoder(base, dtype=dtype or meta.get("dtype", "float32"))
     rows = SafetensorsFile(os.path.join(model_dir, ROWS_FILE))
-    first_new = meta["base_vocab_size"]
-    if model.config.vocab_size < meta["vocab_size"]:  # a referenced base without the CLaRa rows
-        extend_vocabulary(model, meta["vocab_size"], key=jax.random.key(0), first_new=first_new)
-    if model.config.vocab_size != meta["vocab_size"]:
+    first_new, vocab_size = meta["base_vocab_size"], meta["vocab_size"]
+    if model.config.vocab_size > vocab_size:
         raise ValueError(
-            f"{base}: vocabulary of {model.config.vocab_size} rows, the model was trained with {meta['vocab_size']}"
+            f"{base}: vocabulary of {model.config.vocab_size} rows, the model was trained with {vocab_size}"
         )
+    loras = {
+        role: LoRAConfig(
+            rank=cfg["rank"],
+            alpha=cfg["alpha"],
+            dropout=cfg["dropout"],
+            target_modules=cfg["target_modules"]
+            if isinstance(cfg["target_modules"], str)
+            else tuple(cfg["target_modules"]),
+        )
+        for role, cfg in meta["adapters"].items()
+    }
+    # the factory's vocabulary and adapters (a referenced base lacks the CLaRa rows: they are
+    # added), then everything the run trained is read over them
+    add_clara_parts(
+        model,
+        vocab_size=vocab_size,
+        mem_token_ids=[int(t) for t in rows.get("token_ids")],
+        lora=loras,
+        seed=0,
+        first_new=first_new if model.config.vocab_size < vocab_size else None,
+        adapter_seeds=[0] * len(loras),
+    )
     # the rows the run added (or re-initialised) past the tokenizer's base vocabulary, exactly as trained
     model.embed.set_value(
         model.embed[...].at[first_new:].set(jnp.asarray(np.asarray(rows.get("added_embed"))))
@@ -170,22 +190,9 @@ def load_clara_model(model_dir: str, *, dtype: str | None = None):
         model.lm_head.set_value(
             model.lm_head[...].at[first_new:].set(jnp.asarray(np.asarray(rows.get("added_lm_head"))))
         )
-    token_ids = [int(t) for t in rows.get("token_ids")]
-    model.set_trainable_rows(token_ids)
     model.embed_rows.set_value(jnp.asarray(np.asarray(rows.get("rows"))))
     factors = SafetensorsFile(os.path.join(model_dir, ADAPTERS_FILE))
-    for role, cfg in meta["adapters"].items():
-        targets = cfg["target_modules"]
-        model.add_adapter(
-            role,
-            LoRAConfig(
-                rank=cfg["rank"],
-                alpha=cfg["alpha"],
-                dropout=cfg["dropout"],
-                target_modules=targets if isinstance(targets, str) else tuple(targets),
-            ),
-            rngs=nnx.Rngs(0),
-        )
+    for role in loras:
         for target, f in model.adapters[role].factors.items():
             f["a"].set_value(jnp.asarray(np.asarray(factors.get(f"{role}/{target}/a"))))
             f["b"].set_value(jnp.asarray(np.asarray(factors.get(f"{role}/{target}/b"))))

@@ -14,8 +14,9 @@ Without tokenizer files the tokenizer is rebuilt as the official `from_pretraine
 base's tokenizer plus <MEM0..n-1>, <AE>, <ENC>, <SEP>, in that order. The `.pth` files are read
 with `torch.load(weights_only=True)` only: a pickle that needs anything beyond tensors and
 containers is refused, never executed. As the official inference loader (`pure_inference=True`),
-every adapter in the file is loaded as saved (no stage-dependent re-initialisation, §8.1.1), and
-compr_rate / doc_max_length come from the checkpoint (§8.1.4).
+every adapter in the file is loaded as saved (none of the stage-dependent re-initialisation of
+training, docs/official_code.md §1.3), and compr_rate / doc_max_length come from the checkpoint
+(§8.1 item 4).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from clara_jax.interop.hf import load_decoder
 from clara_jax.interop.model_dir import save_clara_model
 from clara_jax.interop.official_config import generation_top_k, lora_rank, read_official_config
 from clara_jax.interop.peft import parse_lora_key, set_adapter_from_tensors
-from clara_jax.model.clara import COMPRESSOR, GENERATOR, QUERY_REASONER, ClaraConfig
+from clara_jax.model.clara import COMPRESSOR, GENERATOR, QUERY_REASONER
+from clara_jax.model.clara_settings import ClaraSettings
+from clara_jax.model.field_checks import SettingsError
 from clara_jax.model.lora import ALL_LINEAR, LoRAConfig
 
 ADAPTER_ROLES = {
@@ -235,7 +238,15 @@ def convert_official(
     """
     official_dir, base_dir, out_dir = (os.path.abspath(str(p)) for p in (official_dir, base_dir, out_dir))
     cfg = read_official_config(official_dir, compression_rate=compression_rate, doc_max_length=doc_max_length)
-    n_mem = cfg["doc_max_length"] // cfg["compr_rate"]
+    try:  # the one constructor of ClaraConfig's settings (a model directory is read with it too)
+        settings = ClaraSettings(
+            doc_max_length=cfg["doc_max_length"],
+            compression_rate=cfg["compr_rate"],
+            top_k=generation_top_k(cfg),
+        )
+    except SettingsError as err:
+        raise ValueError(f"{os.path.join(official_dir, 'config.json')}: {err}") from None
+    n_mem = settings.n_mem
     notes: list[str] = []
 
     tok_dir, why = find_tokenizer(official_dir, base_dir, cfg, tokenizer_dir)
@@ -311,12 +322,7 @@ def convert_official(
         set_adapter_from_tensors(model, role, lora, tensors.items(), source, require_complete=True)
         loaded[official_name] = role
 
-    clara = ClaraConfig(
-        mem_token_ids=tok.mem_token_ids,
-        doc_max_length=cfg["doc_max_length"],
-        compression_rate=cfg["compr_rate"],
-        top_k=generation_top_k(cfg),
-    )
+    clara = settings.model_config(tok.mem_token_ids)
     reference = same_rows and not copy_base
     save_clara_model(model, tok, clara, out_dir, base_path=base_dir if reference else "")
     with open(os.path.join(out_dir, SOURCE_FILE), "w") as f:

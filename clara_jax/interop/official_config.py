@@ -77,7 +77,7 @@ def read_official_config(official_dir: str, *, compression_rate=None, doc_max_le
     """The checkpoint's config.json, checked for what the converter supports.
 
     Optional `compression_rate` / `doc_max_length` are assertions: the official loader silently
-    ignored a mismatching `--compress_rate` (§8.1.4), here a mismatch is an error.
+    ignored a mismatching `--compress_rate` (docs/official_code.md §8.1 item 4), here a mismatch is an error.
     """
     path = os.path.join(official_dir, "config.json")
     if not os.path.isfile(path):

@@ -15,10 +15,10 @@ from collections.abc import Iterable
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from clara_jax.formats.safetensors_io import SafetensorsFile
 from clara_jax.model.decoder import Decoder
+from clara_jax.model.factory import add_adapters
 from clara_jax.model.lora import ALL_LINEAR, PROJECTION_PATHS, LoRAConfig
 
 # Accepts PeftModel keys (`base_model.model.model.layers…`), transformers-integration keys
@@ -74,7 +74,7 @@ def set_adapter_from_tensors(
     `require_complete` insists every targeted (layer, projection) got both factors: a missing
     tensor would otherwise silently leave a zero (no-op) adapter there.
     """
-    model.add_adapter(name, lora, rngs=nnx.Rngs(0))
+    add_adapters(model, {name: lora}, seeds=(0,))  # the factory's adapter, filled below
     adapter = model.adapters[name]
     factors = adapter.factors
     stacked = {

@@ -6,8 +6,8 @@
 | stage2 | compressor + generator     | held        | stage1      | instruct  | CE + λ·MSE over k docs, given order |
 | stage3 | query reasoner + generator | frozen      | stage2      | retrieval | CE through the straight-through top-k |
 
-Only stage 1 trains the <MEM*> rows, as in the official release (CLARA_SPEC erratum: its stages 2
-and 3 reload the model through PEFT, which leaves only LoRA weights trainable). Stage 2 *holds*
+Only stage 1 trains the <MEM*> rows, as in the official release (docs/official_code.md §1.2: its
+stages 2 and 3 reload the model through PEFT, which leaves only LoRA weights trainable). Stage 2 *holds*
 them: the rows ride unchanged in its train state and checkpoints, so stage 3 inherits stage 1's rows
 from stage 2's checkpoint; `clara.stage2_trains_mem_rows=true` trains them there instead. Stage 3
 keeps them out of its state altogether: an index of compressed documents built before stage 3 stays
@@ -37,6 +37,17 @@ class Stage:
     record_kind: str  # the JSONL record layout (data/records.py)
     config_module: str  # configs/<module>.py
     loss: str  # for logs and --help
+
+    @property
+    def fixed_docs(self) -> bool:
+        """An example compresses a fixed number of given documents (`clara.docs_per_example`; stage 1's
+        records always hold one) instead of ranking candidates and taking a top-k."""
+        return not self.retrieval
+
+    @property
+    def successor(self) -> Stage | None:
+        """The stage that starts from this one, or None for the last."""
+        return next((s for s in STAGE_LIST if s.starts_from == self.name), None)
 
 
 STAGE_LIST = (

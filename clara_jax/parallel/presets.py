@@ -30,13 +30,20 @@ PARALLELISM = {
 }
 
 
+def set_path(c: ml_collections.ConfigDict, dotted: str, value) -> None:
+    """Set the field `dotted` ("model.remat") of the nested ConfigDict `c`; every part must exist
+    (a KeyError names the missing one). The one dotted-path setter of the package: the presets
+    below and `--config.a.b=value` overrides (training/config.py) use it."""
+    *parents, leaf = dotted.split(".")
+    node = c
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
 def apply_parallelism(c: ml_collections.ConfigDict, name: str) -> None:
     """Set the mesh / remat / dtype fields of a named sharding preset (see PARALLELISM)."""
     if name not in PARALLELISM:
         raise ValueError(f"unknown parallelism preset {name!r}; known: {sorted(PARALLELISM)}")
     for dotted, value in PARALLELISM[name].items():
-        node = c
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_path(c, dotted, value)

@@ -16,6 +16,7 @@ import pkgutil
 import ml_collections
 
 from clara_jax.model.stage_registry import get_stage
+from clara_jax.parallel.presets import set_path
 from clara_jax.training.run_spec import ConfigError, RunSpec
 
 
@@ -98,11 +99,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"--config.{key}: no such config field{hint}")
         parsed = _parse_value(value, flat[key], key)
-        node = config
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[part]
-        node[parts[-1]] = parsed
+        set_path(config, key, parsed)
         flat[key] = parsed
     return config
 

@@ -70,7 +70,7 @@ from clara_jax.training.config import load_config
 from clara_jax.training.dev_retrieval import DevRetrieval
 from clara_jax.training.optimizer import OptimizerConfig
 from clara_jax.training.run_spec import layout_config
-from clara_jax.training.stages import StageSpec, stage_program, stage_spec
+from clara_jax.training.stages import stage_program, stage_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +202,12 @@ def train_reader(cfg: ControlledConfig, episodes: Episodes, mesh, log=print):
     per = {"enc_ids": cfg.top_k, "enc_mask": cfg.top_k}
     optim = OptimizerConfig(learning_rate=cfg.reader_lr, total_steps=cfg.reader_steps, warmup_ratio=0.05)
     # the compressor is the base itself: only the generator (the reader) trains
-    spec = StageSpec("stage2", (GENERATOR,), train_mem_rows=False, docs_per_example=cfg.top_k)
+    spec = dataclasses.replace(
+        stage_spec("stage2", docs_per_example=cfg.top_k),
+        adapters=(GENERATOR,),
+        train_mem_rows=False,
+        keep_mem_rows=False,
+    )
     trainer = stage_program(built.model, spec, built.clara, optim, mesh, batch(), seed=cfg.seed).start()
     state = trainer.state
     for step in range(1, cfg.reader_steps + 1):

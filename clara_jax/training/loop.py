@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from clara_jax.data.pipeline import BatchIterator, TokenStats, count_dropped_positives
 from clara_jax.data.records import DataError
 from clara_jax.data.sources import read_records, require_records
+from clara_jax.formats.checkpoint_meta import run_meta
 from clara_jax.interop.gguf import resolve_model_path
 from clara_jax.model.flops import forward_flops, lora_train_flops, measured_matmul_flops
 from clara_jax.model.stage_registry import get_stage
@@ -48,6 +49,7 @@ from clara_jax.training.metrics import MetricsWriter, plot_history, read_history
 from clara_jax.training.run_spec import layout_config, optimizer_config, stage_spec_of
 from clara_jax.training.stage_eval import BestStep, StageEval, usable_count
 from clara_jax.training.stages import stage_program
+from clara_jax.training.step import global_batch
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +123,6 @@ def _reached_preemption_sync_point(step: int) -> bool:
         return False
 
 
-def _global_batch(arrays: dict, shardings: dict) -> dict:
-    """Every process holds the whole global batch on the host; each device takes its own slice
-    (right for any device order, including hybrid DCN meshes)."""
-    return {
-        k: jax.make_array_from_callback(v.shape, shardings[k], lambda index, v=v: v[index])
-        for k, v in arrays.items()
-    }
-
-
 def _mesh_config(config, dcn_mesh: str) -> MeshConfig:
     """`config.mesh` within a slice; across TPU slices `dcn_mesh`, by default data-parallel."""
     if not dcn_mesh and num_slices() > 1:
@@ -174,7 +167,7 @@ def read_eval_records(config) -> list | None:
         kind,
         policy=config.data.policy,
         min_docs=config.clara.top_k if spec.retrieval else None,
-        docs_per_example=config.clara.docs_per_example if spec.record_kind == "stage2" else None,
+        docs_per_example=config.clara.docs_per_example if spec.fixed_docs else None,
     )
     log.info("%s", report.summary())
     micro = config.batch.micro_size
@@ -470,7 +463,7 @@ def run_training(
         policy=config.data.policy,
         # a retrieval stage needs top-k candidates; the others compress a fixed number of docs
         min_docs=config.clara.top_k if spec.retrieval else None,
-        docs_per_example=None if spec.retrieval else config.clara.docs_per_example,
+        docs_per_example=config.clara.docs_per_example if spec.fixed_docs else None,
     )
     log.info("%s", report.summary())
     if spec.retrieval:
@@ -566,11 +559,11 @@ def run_training(
     evaluator = stage_eval(config, built, eval_records, trainer.graphdef, mesh, progress=progress and is_main)
     best = BestStep.for_stage(stage) if evaluator is not None else None
 
-    meta = {
-        "config": config.to_dict(),
-        "init_from": init_info,
-        "tokenizer": {"vocab_size": built.tokenizer.vocab_size, "n_mem": built.tokenizer.n_mem},
-    }
+    meta = run_meta(
+        config.to_dict(),
+        init_info,
+        {"vocab_size": built.tokenizer.vocab_size, "n_mem": built.tokenizer.n_mem},
+    )
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step if restored else None)
     if best is not None and restored is not None:  # the evaluations before the resumed step count too
         _restore_best(best, writer.path if is_main else None)
@@ -657,7 +650,7 @@ def run_training(
                     arrays = next(batches)  # host work, overlapping the step in flight
                 except StopIteration:
                     break
-                batch = _global_batch(arrays, trainer.shardings.batch)
+                batch = global_batch(arrays, trainer.shardings.batch)
                 if pending is not None and pending[2] is None:  # the step in flight ends
                     pending = (*pending[:2], clock.finished(pending[1]), *pending[3:])
                 state, metrics = clock.dispatch(state, trainer.frozen, batch, step=step + 1)

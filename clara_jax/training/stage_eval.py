@@ -56,7 +56,7 @@ from clara_jax.model.stage_registry import get_stage
 from clara_jax.model.topk import retrieval_scores
 from clara_jax.parallel.rules import DEFAULT_RULES, activation_constraint
 from clara_jax.training.objectives import candidate_memory, stage_loss_fn
-from clara_jax.training.step import micro_batch_shardings
+from clara_jax.training.step import global_batch, micro_batch_shardings
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,6 @@ def decode_answers(tok: ClaraTokenizer, tokens: np.ndarray) -> list[str]:
         row = [t for t in row.tolist() if t not in (tok.pad_id, tok.eos_id)]
         answers.append(tok.hf.decode(row, skip_special_tokens=True).strip())
     return answers
-
-
-def _place(arrays: dict, shardings: dict) -> dict:
-    """Host arrays (the same on every process) as global arrays on `shardings`."""
-    return {
-        k: jax.make_array_from_callback(v.shape, shardings[k], lambda index, v=v: v[index])
-        for k, v in arrays.items()
-    }
 
 
 class StageEval:
@@ -159,8 +151,10 @@ class StageEval:
             self.golds = [list(getattr(r, "answers", None) or (r.answer,)) for r in self.records]
 
         self._tok = tok
-        self._batch = _place(batch, micro_batch_shardings(batch, mesh, rules))
-        self._prompts = _place(prompts, micro_batch_shardings(prompts, mesh, rules)) if prompts else None
+        self._batch = global_batch(batch, micro_batch_shardings(batch, mesh, rules))
+        self._prompts = (
+            global_batch(prompts, micro_batch_shardings(prompts, mesh, rules)) if prompts else None
+        )
         self.last_answers: list[str] = []
 
         loss_fn = stage_loss_fn(stage, clara, docs_per_example=layout.docs_per_example, train=False)

@@ -135,6 +135,16 @@ def micro_batch_shardings(batch, mesh, rules=DEFAULT_RULES) -> Any:
     return jax.tree.map(one, batch)
 
 
+def global_batch(arrays: dict, shardings: dict) -> dict:
+    """Host arrays that every process holds whole (the same global batch everywhere) as global
+    arrays on `shardings`: each device takes its own slice (right for any device order,
+    including hybrid DCN meshes)."""
+    return {
+        k: jax.make_array_from_callback(v.shape, shardings[k], lambda index, v=v: v[index])
+        for k, v in arrays.items()
+    }
+
+
 def compile_train_step(step_fn, shardings: StepShardings, mesh):
     """jit with explicit in/out shardings and the state donated."""
     metrics_sharding = NamedSharding(mesh, PartitionSpec())
