@@ -39,6 +39,24 @@ def test_dropped_positives_are_warned_with_the_counts(caplog):
     with caplog.at_level(logging.WARNING, logger="clara_jax.training.loop"):
         assert warn_dropped_positives(count_dropped_positives([_record(0, (0,))], 4), 4, "t.jsonl") is None
         message = warn_dropped_positives(stats, 4, "train.jsonl")
-    assert [r.getMessage() for r in caplog.records] == [message]
+    assert [r.getMessage() for r in caplog.records if r.name == "clara_jax.training.loop"] == [message]
     assert message.startswith("train.jsonl: 2 of 4 gold passages (pos_index), in 1 of 2 questions")
     assert "data.candidates=4" in message and "raise data.candidates" in message
+
+
+def test_every_cut_is_warned_at_the_end_of_a_run_with_its_limit_and_counts(tok, caplog):
+    """The run's (and the evaluation's) last word on what the layouts cut: questions beyond
+    clara.query_max_length among them, as the official limits allow (issue #15 item 4)."""
+    from clara_jax.training.loop import warn_truncations
+
+    long_question = " ".join(["word"] * 40)
+    records = [_record(0, (0,)), RetrievalRecord(long_question, "A", ("A",), ("passage " * 30,) * 8, (1,))]
+    _, stats = tokenize_retrieval(tok, records, LAYOUT)
+    assert stats.queries_truncated == 1 and stats.docs_truncated >= 1
+    with caplog.at_level(logging.WARNING, logger="clara_jax.training.loop"):
+        messages = warn_truncations(stats, "evaluation ")
+    assert [r.getMessage() for r in caplog.records if r.name == "clara_jax.training.loop"] == messages
+    assert "evaluation questions truncated to clara.query_max_length: 1 of 2" in messages
+    assert any(m.startswith("evaluation documents truncated to clara.doc_max_length: ") for m in messages)
+    _, clean = tokenize_retrieval(tok, [_record(0, (0,))], LAYOUT)
+    assert warn_truncations(clean) == []

@@ -237,21 +237,32 @@ def stage_eval(config, built, records, graphdef, mesh, *, progress: bool = False
         f", answers of at most {config.data.eval_max_new_tokens} tokens" if evaluator.answered else "",
     )
     stats = evaluator.stats  # nothing is cut silently, in the evaluation either
-    for what, cut, of, limit in (
-        ("documents", stats.docs_truncated, stats.docs, "clara.doc_max_length"),
-        ("questions", stats.queries_truncated, stats.queries, "clara.query_max_length"),
-        (
-            "generator prompts + targets",
-            stats.targets_truncated,
-            stats.examples,
-            "clara.generator_max_length",
-        ),
-    ):
-        if cut:
-            log.warning("evaluation %s truncated to %s: %d of %d", what, limit, cut, of)
+    warn_truncations(stats, "evaluation ")
     if get_stage(config.stage).retrieval:  # the eval loss and answers read the first data.candidates
         warn_dropped_positives(stats, config.data.candidates, f"{config.data.eval} (eval loss and answers)")
     return evaluator
+
+
+def warn_truncations(stats: TokenStats, prefix: str = "") -> list[str]:
+    """Every document, question and generator row the layouts cut, with its limit and counts: a
+    warning per kind at the end of a run (and of the evaluation set-up), never silent. The messages."""
+    messages = [
+        f"{prefix}{what} truncated to {limit}: {cut} of {of}"
+        for what, cut, of, limit in (
+            ("documents", stats.docs_truncated, stats.docs, "clara.doc_max_length"),
+            ("questions", stats.queries_truncated, stats.queries, "clara.query_max_length"),
+            (
+                "generator prompts + targets",
+                stats.targets_truncated,
+                stats.examples,
+                "clara.generator_max_length",
+            ),
+        )
+        if cut
+    ]
+    for message in messages:
+        log.warning("%s", message)
+    return messages
 
 
 def warn_dropped_positives(stats: TokenStats, candidates: int, where: str) -> str | None:
@@ -716,18 +727,7 @@ def run_training(
         )
     barrier("run_training end")  # nobody returns before process 0 has finished writing
     stats = batches.stats
-    for what, cut, of, limit in (
-        ("documents", stats.docs_truncated, stats.docs, "clara.doc_max_length"),
-        ("questions", stats.queries_truncated, stats.queries, "clara.query_max_length"),
-        (
-            "generator prompts + targets",
-            stats.targets_truncated,
-            stats.examples,
-            "clara.generator_max_length",
-        ),
-    ):
-        if cut:
-            log.warning("%s truncated to %s: %d of %d", what, limit, cut, of)
+    warn_truncations(stats)
     if get_stage(stage).retrieval:  # (`spec` is the StageSpec by now)
         warn_dropped_positives(stats, config.data.candidates, "the batches trained on")
     if best is not None and best.step is not None:
