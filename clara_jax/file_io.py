@@ -27,6 +27,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -220,3 +221,21 @@ def build_dir_once(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """`gs://bucket/x`, `s3://…`, `https://…`: a path the os module would take for a local folder
+    named `gs:` (os.path.abspath keeps the scheme as a directory)."""
+    return bool(_URL.match(os.fspath(path)))
+
+
+def url_refusal(what: str, path: str | os.PathLike) -> str:
+    """The message for an object-store URL where only local paths work yet (issue #20)."""
+    return (
+        f"{what} {os.fspath(path)}: object-store URLs are not supported yet, and nothing was written "
+        "(neither there nor in a local folder). On a pod slice, mount the bucket on every host (e.g. "
+        "gcsfuse) and pass the mount's local path."
+    )

@@ -111,6 +111,12 @@ def run(args: argparse.Namespace) -> int:
     """Per-dataset scores of a trained model: QA (EM / F1 / Cover-EM / Recall@k) or paraphrase quality."""
     import json
 
+    from clara_jax.file_io import is_url, url_refusal
+
+    for flag, path in (("--json", args.json), ("--predictions", args.predictions)):
+        if path and is_url(path):
+            return error("eval", url_refusal(flag, path))
+
     from clara_jax.data.records import DataError
     from clara_jax.inference.metrics import format_table
 

@@ -14,9 +14,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from clara_jax.file_io import is_url, url_refusal
     from clara_jax.inference.export import export_corpus
     from clara_jax.parallel.distributed import DistributedError, initialize_distributed
 
+    for flag, path in (("--out", args.out),):
+        if path and is_url(path):
+            return error("export", url_refusal(flag, path))
     t0 = time.perf_counter()
     try:
         initialize_distributed(distributed_config_from_args(args))  # before any device is touched

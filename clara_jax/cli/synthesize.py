@@ -61,11 +61,15 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    from clara_jax.file_io import is_url, url_refusal
     from clara_jax.synthesis.backends import BackendError, describe
     from clara_jax.synthesis.pipeline import SynthesisAborted, Synthesizer
     from clara_jax.synthesis.report import format_report
     from clara_jax.synthesis.store import StoreError
 
+    for flag, path in (("--out", args.out),):
+        if path and is_url(path):
+            return error("synthesize", url_refusal(flag, path))
     configure_logging()
     backend = None
     try:

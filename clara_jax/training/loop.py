@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from clara_jax.data.pipeline import BatchIterator, TokenStats, count_dropped_positives
 from clara_jax.data.records import DataError
 from clara_jax.data.sources import read_records, require_records
+from clara_jax.file_io import is_url, url_refusal
 from clara_jax.formats.checkpoint_meta import run_meta
 from clara_jax.interop.gguf import resolve_model_path
 from clara_jax.model.flops import forward_flops, lora_train_flops, measured_matmul_flops
@@ -463,6 +464,9 @@ def run_training(
     `dcn_mesh` (e.g. "data=2") gives the mesh axes that span slices or, off TPUs, processes;
     the mesh size of an axis is its `config.mesh` size times its DCN size.
     """
+    for what, path in (("--workdir", workdir), ("init_from", config.get("init_from") or "")):
+        if is_url(path):  # never a local folder named "gs:" in its place
+            raise ConfigError(url_refusal(what, path))
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     stage = config.stage

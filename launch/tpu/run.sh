@@ -21,8 +21,9 @@ Follow it with launch/tpu/logs.sh, stop it with launch/tpu/stop.sh (it checkpoin
 
 $TPU_TARGET_HELP
   --config FILE.py:ARG   stage config, relative to the checkout, e.g. configs/stage1_scp.py:mistral_7b (required)
-  --workdir DIR          checkpoints and metrics; on a pod slice with several hosts use a bucket that all
-                         of them share, e.g. gs://BUCKET/runs/stage1 (required)
+  --workdir DIR          checkpoints and metrics; on a pod slice with several hosts use a folder that all
+                         of them share, e.g. a bucket mounted with gcsfuse at /mnt/BUCKET on every worker:
+                         /mnt/BUCKET/runs/stage1 (gs:// URLs are refused until cloud paths land) (required)
   --config.FIELD=VALUE   config overrides, passed to clara-jax train unchanged (repeatable)
   --env KEY=VALUE        environment variable for the trainer, e.g. LIBTPU_INIT_ARGS=... (repeatable)
   --run-name NAME        names the log and pid files (default: $OPT_RUN_NAME)
@@ -34,7 +35,7 @@ Arguments after -- are also passed to clara-jax train.
 
 Example:
   $PROG --name clara-v4 --zone us-central2-b --config configs/stage1_scp.py:mistral_7b \\
-      --workdir gs://my-bucket/runs/stage1 --config.model.path /home/me/Mistral-7B-Instruct-v0.2
+      --workdir /mnt/my-bucket/runs/stage1 --config.model.path /home/me/Mistral-7B-Instruct-v0.2
 USAGE
 }
 
