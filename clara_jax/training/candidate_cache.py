@@ -26,7 +26,7 @@ from clara_jax.data.pipeline import encoder_rows
 from clara_jax.data.tokenizer import ClaraTokenizer
 from clara_jax.model.clara import COMPRESSOR, ClaraConfig, compress
 from clara_jax.model.stage_registry import get_stage
-from clara_jax.parallel.rules import logical_to_spec
+from clara_jax.parallel.rules import logical_to_spec, parse_rules
 
 
 class CandidateCache:
@@ -47,6 +47,22 @@ class CandidateCache:
         """([len(texts), n_mem, D] memory, [len(texts)] was-truncated flags)."""
         rows = np.fromiter((self.row[t] for t in texts), dtype=np.int64, count=len(texts))
         return self.memory[rows], self.truncated[rows]
+
+    @classmethod
+    def for_config(cls, config, built, records: Sequence, mesh, *, progress: bool = False) -> CandidateCache:
+        """The cache a run's config asks for: its sharding rules, candidate count and bucket."""
+        with jax.set_mesh(mesh):
+            return cls.build(
+                built.model,
+                built.tokenizer,
+                built.clara,
+                records,
+                mesh,
+                parse_rules(config.sharding_rules),
+                candidates=config.data.candidates,
+                bucket=config.data.bucket,
+                progress=progress,
+            )
 
     @classmethod
     def build(

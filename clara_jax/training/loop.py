@@ -361,18 +361,7 @@ def _candidate_cache(
     """Stage 3 compresses each distinct candidate once, as its compressor cannot change."""
     if not reads_cached_candidates(config):
         return None
-    with jax.set_mesh(mesh):
-        cache = CandidateCache.build(
-            built.model,
-            built.tokenizer,
-            built.clara,
-            records,
-            mesh,
-            parse_rules(config.sharding_rules),
-            candidates=config.data.candidates,
-            bucket=config.data.bucket,
-            progress=progress,
-        )
+    cache = CandidateCache.for_config(config, built, records, mesh, progress=progress)
     log.info(
         "compressed %d distinct %s candidates once in %.1f s (%.1f MB on each host); the steps read them",
         len(cache),
