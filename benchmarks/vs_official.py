@@ -348,13 +348,29 @@ def run_train_step(sec: Section, name: str, config, built, batch: dict, mesh) ->
     return r
 
 
+def first_batch(config, built, records, size: int, cache=None) -> dict:
+    """The data pipeline's first batch of `size` records under `config` (one micro-batch)."""
+    from clara_jax.data.pipeline import BatchIterator
+    from clara_jax.training.run_spec import layout_config
+
+    iterator = BatchIterator(
+        records,
+        built.tokenizer,
+        config.stage,
+        layout_config(config),
+        global_size=size,
+        micro_size=size,
+        seed=config.seed,
+        candidate_memory=cache.lookup if cache else None,
+    )
+    return next(iterator)
+
+
 def stage1_inputs(cfg: dict):
     """(config, built model, batch) of the stage-1 step (also what a profiler script needs)."""
-    from clara_jax.data.pipeline import BatchIterator
     from clara_jax.data.records import parse_record
     from clara_jax.training.build import build_model
     from clara_jax.training.config import load_config
-    from clara_jax.training.run_spec import layout_config
 
     s1 = cfg["bench"]["stage1"]
     raw = read_lines(s1["data_lines"])
@@ -365,30 +381,10 @@ def stage1_inputs(cfg: dict):
     t0 = time.perf_counter()
     built = build_model(probe)
     build_s = time.perf_counter() - t0
-    first = next(
-        BatchIterator(
-            records,
-            built.tokenizer,
-            "stage1",
-            layout_config(probe),
-            global_size=4,
-            micro_size=4,
-            seed=probe.seed,
-        )
-    )
+    first = first_batch(probe, built, records, 4)
     width = natural_width(first, "gen_mask")
     config = load_config("stage1_scp:tiny", base_overrides(cfg, "stage1") + [f"data.bucket={width}"])
-    batch = next(
-        BatchIterator(
-            records,
-            built.tokenizer,
-            "stage1",
-            layout_config(config),
-            global_size=s1["batch_size"],
-            micro_size=s1["batch_size"],
-            seed=config.seed,
-        )
-    )
+    batch = first_batch(config, built, records, s1["batch_size"])
     return config, built, batch, build_s
 
 
@@ -423,14 +419,9 @@ def stage3_records(cfg: dict):
 
 
 def stage3_section(sec: Section, cfg: dict, variant: str) -> dict:
-    import jax
-
-    from clara_jax.data.pipeline import BatchIterator
-    from clara_jax.parallel.rules import parse_rules
     from clara_jax.training.build import build_model
     from clara_jax.training.candidate_cache import CandidateCache
     from clara_jax.training.config import load_config
-    from clara_jax.training.run_spec import layout_config
 
     s3 = cfg["bench"]["stage3"]
     c = cfg["clara"]
@@ -444,29 +435,8 @@ def stage3_section(sec: Section, cfg: dict, variant: str) -> dict:
     mesh = mesh_1()
     cache = None
     if cached:
-        with jax.set_mesh(mesh):
-            cache = CandidateCache.build(
-                built.model,
-                built.tokenizer,
-                built.clara,
-                records,
-                mesh,
-                parse_rules(config.sharding_rules),
-                candidates=config.data.candidates,
-                bucket=config.data.bucket,
-            )
-    batch = next(
-        BatchIterator(
-            records,
-            built.tokenizer,
-            "stage3",
-            layout_config(config),
-            global_size=s3["batch_size"],
-            micro_size=s3["batch_size"],
-            seed=config.seed,
-            candidate_memory=cache.lookup if cache else None,
-        )
-    )
+        cache = CandidateCache.for_config(config, built, records, mesh)
+    batch = first_batch(config, built, records, s3["batch_size"], cache)
     pad = built.tokenizer.pad_id
     n_mem = c["n_mem_tokens"]
     # generator at its natural width (the official collate pads to the longest row); candidates at
