@@ -60,6 +60,17 @@ def error(command: str, message: object) -> int:
     return EXIT_BAD_INPUT
 
 
+def refuse_urls(command: str, outputs: dict[str, str | None]) -> int | None:
+    """Exit code 2 and the message if any output flag names an object-store URL (issue #20), else
+    None. Checked before the command imports its heavy modules or writes anything."""
+    from clara_jax.file_io import is_url, url_refusal
+
+    for flag, path in outputs.items():
+        if path and is_url(path):
+            return error(command, url_refusal(flag, path))
+    return None
+
+
 def add_multihost_arguments(parser) -> None:
     """The `--multihost/--coordinator/--num-processes/--process-id` flags of multi-process commands."""
     from clara_jax.parallel.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, MODES

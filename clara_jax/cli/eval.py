@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from clara_jax.cli.common import EXIT_OK, configure_logging, error
+from clara_jax.cli.common import EXIT_OK, configure_logging, error, refuse_urls
 
 ENTITY_NOTE = (
     "note: entity_preservation_approx is a rule-based stand-in for the official spaCy NER entity "
@@ -111,11 +111,8 @@ def run(args: argparse.Namespace) -> int:
     """Per-dataset scores of a trained model: QA (EM / F1 / Cover-EM / Recall@k) or paraphrase quality."""
     import json
 
-    from clara_jax.file_io import is_url, url_refusal
-
-    for flag, path in (("--json", args.json), ("--predictions", args.predictions)):
-        if path and is_url(path):
-            return error("eval", url_refusal(flag, path))
+    if (refused := refuse_urls("eval", {"--json": args.json, "--predictions": args.predictions})) is not None:
+        return refused
 
     from clara_jax.data.records import DataError
     from clara_jax.inference.metrics import format_table

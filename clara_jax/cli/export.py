@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from clara_jax.cli.common import EXIT_OK, add_multihost_arguments, distributed_config_from_args, error
+from clara_jax.cli.common import (
+    EXIT_OK,
+    add_multihost_arguments,
+    distributed_config_from_args,
+    error,
+    refuse_urls,
+)
 
 # clara_jax.inference.export.DTYPES, spelled out so that building the parser imports no numpy
 # (tests/test_bad_input_cli.py checks that the two agree).
@@ -14,13 +20,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from clara_jax.file_io import is_url, url_refusal
+    if (refused := refuse_urls("export", {"--out": args.out})) is not None:
+        return refused
+
     from clara_jax.inference.export import export_corpus
     from clara_jax.parallel.distributed import DistributedError, initialize_distributed
 
-    for flag, path in (("--out", args.out),):
-        if path and is_url(path):
-            return error("export", url_refusal(flag, path))
     t0 = time.perf_counter()
     try:
         initialize_distributed(distributed_config_from_args(args))  # before any device is touched

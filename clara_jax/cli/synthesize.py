@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clara_jax.cli.common import EXIT_DIVERGED, EXIT_OK, configure_logging, error
+from clara_jax.cli.common import EXIT_DIVERGED, EXIT_OK, configure_logging, error, refuse_urls
 
 DEFAULT_MODEL = "smollm2"
 
@@ -59,17 +59,16 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if (refused := refuse_urls("synthesize", {"--out": args.out})) is not None:
+        return refused
+
     import logging
 
-    from clara_jax.file_io import is_url, url_refusal
     from clara_jax.synthesis.backends import BackendError, describe
     from clara_jax.synthesis.pipeline import SynthesisAborted, Synthesizer
     from clara_jax.synthesis.report import format_report
     from clara_jax.synthesis.store import StoreError
 
-    for flag, path in (("--out", args.out),):
-        if path and is_url(path):
-            return error("synthesize", url_refusal(flag, path))
     configure_logging()
     backend = None
     try:
