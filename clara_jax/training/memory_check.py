@@ -269,11 +269,13 @@ def find_fitting_settings(
     width = shapes["gen_ids"][0][2] if "gen_ids" in shapes else 0
     shorter = width // 2
     cut = generator_probe(shorter) if generator_probe and shorter >= 16 else None
+    # a generator half as long would cut the documents' memory tokens out of some prompt
+    cuts_memory = shorter >= 16 and generator_probe is not None and cut is None
     # remat and the shorter generator do not depend on the micro-batch search: they compile in two
     # threads beside it (XLA compiles with the GIL released, each mostly on one core)
     with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="memory-check") as pool:
         remat = pool.submit(compile_candidate, shapes, remat="full") if config.model.remat != "full" else None
-        shorter_ok = shorter >= 16 and not (generator_probe and cut is None)
+        shorter_ok = shorter >= 16 and not cuts_memory
         generator = pool.submit(compile_candidate, shorter_generator(shapes, shorter)) if shorter_ok else None
         largest = _search_micro(
             config, shapes, measured, available, compile_candidate, rows_per_device, lines
@@ -289,7 +291,7 @@ def find_fitting_settings(
         )
 
     # 3. a generator half as long, at the same micro-batch (longer prompts + targets are cut, and counted)
-    if shorter >= 16 and generator_probe and cut is None:
+    if cuts_memory:
         lines.append(
             f"clara.generator_max_length={shorter} is not an option: it would cut the documents' memory "
             f"tokens out of this batch's prompts ({width} tokens now)"
